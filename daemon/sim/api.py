@@ -145,7 +145,10 @@ class MachinesApi:
                 response_body=response.body if isinstance(response.body, bytes) else b"",
             )
             for observe in self.observers:
-                observe(exchange)
+                try:
+                    observe(exchange)
+                except Exception:  # an observer's bug must not change the answer
+                    log.exception("observer failed on %s %s", request.method, request.path)
         return response
 
     async def _guarded(self, request: web.Request, handler: Handler, operation: str) -> web.StreamResponse:
