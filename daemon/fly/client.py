@@ -1,0 +1,506 @@
+"""The Machines API client: the daemon's only door to Fly.
+
+- One `_call()` carries every request: it waits on Fly's documented rate-limit buckets first (so the daemon
+  causes no 429 in steady state), measures and counts the call, and retries by error class only: 429, 5xx,
+  connection errors and timeouts, with exponential backoff and jitter, honouring Retry-After when present.
+  Other 4xx raise typed errors (fly/errors.py).
+- A create is never blindly retried after an ambiguous failure (408, 5xx, a lost answer): the machine may
+  exist. Each create carries an idempotency key in its metadata, and the client looks it up first.
+- The token is sent as `Bearer TOKEN`, or as is when it is a `FlyV1 ...` macaroon; it never appears in a
+  message, an exception or a log line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import email.utils
+import logging
+import math
+import random
+import secrets
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass
+from typing import Any, Self
+
+import httpx
+
+from daemon.clock import Clock
+from daemon.core.ratelimit import TokenBuckets
+from daemon.fly import errors
+from daemon.fly.models import App, Lease, Machine, MachineConfig, MachineEvent, MachineVersion, WaitResult
+from daemon.telemetry.metrics import ApiMetrics
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BASE_URL = "https://api.machines.dev"
+INTERNAL_BASE_URL = "http://_api.internal:4280"
+LEASE_NONCE_HEADER = "fly-machine-lease-nonce"
+IDEMPOTENCY_KEY = "flywatch_idempotency_key"
+MAX_WAIT_PER_CALL = 60  # Fly refuses wait timeouts above 60 s
+_MAX_RETRY_AFTER = 60.0
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Exponential backoff with jitter. `attempts` counts the first try."""
+
+    attempts: int = 5
+    base: float = 0.25
+    cap: float = 8.0
+    jitter: float = 0.5  # share of each delay taken off at random
+
+    def delay(self, retry: int, rng: random.Random) -> float:
+        backoff = min(self.cap, self.base * (2.0**retry))
+        return backoff * (1.0 - self.jitter * rng.random())
+
+
+NO_BACKOFF = RetryPolicy(base=0.0, cap=0.0, jitter=0.0)  # for tests: same retries, no waiting
+
+
+def _auth_header(token: str) -> str:
+    token = token.strip()
+    return token if token.startswith("FlyV1 ") else f"Bearer {token}"
+
+
+def _retry_after(response: httpx.Response | None) -> float | None:
+    """Seconds from a Retry-After header (seconds or an HTTP date), if the answer has one."""
+    if response is None:
+        return None
+    raw = response.headers.get("Retry-After")
+    if not raw:
+        return None
+    try:
+        return min(max(float(raw), 0.0), _MAX_RETRY_AFTER)
+    except ValueError:
+        pass
+    with contextlib.suppress(TypeError, ValueError):
+        when = email.utils.parsedate_to_datetime(raw)
+        date = email.utils.parsedate_to_datetime(response.headers.get("Date", raw))
+        return min(max((when - date).total_seconds(), 0.0), _MAX_RETRY_AFTER)
+    return None
+
+
+def _error_from(endpoint: str, response: httpx.Response) -> errors.FlyApiError:
+    request_id = response.headers.get("fly-request-id", "")
+    capacity = False
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    if isinstance(body, dict):
+        message = str(body.get("message") or body.get("error") or response.reason_phrase)
+        capacity = body.get("status") == "insufficient_capacity"
+    else:
+        message = response.text.strip()[:200] or response.reason_phrase
+    return errors.error_for(endpoint, response.status_code, message, request_id, capacity=capacity)
+
+
+class MachinesClient:
+    def __init__(
+        self,
+        base_url: str,
+        token: str,
+        *,
+        clock: Clock,
+        metrics: ApiMetrics | None = None,
+        retry: RetryPolicy | None = None,
+        rate_limit: bool = True,
+        timeout: float = 30.0,
+        transport: httpx.AsyncBaseTransport | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        base = base_url.rstrip("/")
+        if not base.endswith("/v1"):
+            base += "/v1"
+        self._clock = clock
+        self._metrics = metrics
+        self._retry = retry or RetryPolicy()
+        self._buckets = TokenBuckets() if rate_limit else None
+        self._rng = rng or random.Random()
+        self._timeout = timeout
+        self._http = httpx.AsyncClient(
+            base_url=base,
+            headers={"Authorization": _auth_header(token), "User-Agent": "flywatch"},
+            timeout=timeout,
+            transport=transport,
+        )
+
+    def __repr__(self) -> str:
+        return f"MachinesClient({self._http.base_url!s})"
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *_exc: object) -> None:
+        await self.aclose()
+
+    # ------------------------------------------------------------------ the one request path
+
+    async def _throttle(self, endpoint: str, scope: str) -> None:
+        if self._buckets is None:
+            return
+        while (wait := self._buckets.take(endpoint, scope, self._clock.now())) > 0.0:
+            await self._clock.sleep(wait)
+
+    def _count(self, endpoint: str, code: str, seconds: float) -> None:
+        if self._metrics is not None:
+            self._metrics.requests.labels(endpoint, code).inc()
+            self._metrics.duration.labels(endpoint).observe(max(seconds, 0.0))
+
+    async def _call(
+        self,
+        endpoint: str,
+        method: str,
+        path: str,
+        *,
+        scope: str,
+        params: dict[str, Any] | list[tuple[str, Any]] | None = None,
+        body: dict[str, Any] | None = None,
+        nonce: str | None = None,
+        timeout: float | None = None,
+        ambiguous_retry: bool = True,
+        expect: Iterable[int] = (),
+    ) -> httpx.Response:
+        """Send one logical request, retried by error class. `expect`: error codes returned, not raised.
+
+        `ambiguous_retry=False` (create): after a 5xx, a timeout or a lost answer the request may have
+        been carried out, so the error goes back to the caller instead of being retried here.
+        """
+        headers = {LEASE_NONCE_HEADER: nonce} if nonce else None
+        expected = set(expect)
+        retry = 0
+        while True:
+            await self._throttle(endpoint, scope)
+            started = self._clock.now()
+            response: httpx.Response | None = None
+            try:
+                response = await self._http.request(
+                    method, path, params=params, json=body, headers=headers, timeout=timeout or self._timeout
+                )
+            except httpx.ConnectError as exc:
+                self._count(endpoint, "error", self._clock.now() - started)
+                error: errors.FlyApiError = errors.TransportError(endpoint, f"cannot connect: {exc!s}")
+                reason, retryable = "connection", True  # never reached Fly: always safe to retry
+            except httpx.TimeoutException as exc:
+                self._count(endpoint, "timeout", self._clock.now() - started)
+                error = errors.TransportError(endpoint, f"no answer in time ({type(exc).__name__})")
+                reason, retryable = "timeout", ambiguous_retry
+            except httpx.TransportError as exc:
+                self._count(endpoint, "error", self._clock.now() - started)
+                error = errors.TransportError(endpoint, f"connection lost: {type(exc).__name__}")
+                reason, retryable = "connection", ambiguous_retry
+            else:
+                self._count(endpoint, str(response.status_code), self._clock.now() - started)
+                if response.is_success or response.status_code in expected:
+                    return response
+                error = _error_from(endpoint, response)
+                status = response.status_code
+                reason = "429" if status == 429 else "5xx"
+                # a 429 was refused before anything happened; a 5xx may have happened
+                retryable = status == 429 or (status >= 500 and ambiguous_retry)
+            if not retryable or retry + 1 >= self._retry.attempts:
+                raise error
+            delay = _retry_after(response)
+            if delay is None:
+                delay = self._retry.delay(retry, self._rng)
+            if self._metrics is not None:
+                self._metrics.retries.labels(endpoint, reason).inc()
+            log.info("retrying %s after %s in %.2fs (retry %d)", endpoint, reason, delay, retry + 1)
+            await self._clock.sleep(delay)
+            retry += 1
+
+    # ------------------------------------------------------------------ apps
+
+    async def list_apps(self, org_slug: str) -> list[App]:
+        response = await self._call(
+            "Apps_list", "GET", "/apps", scope=org_slug, params={"org_slug": org_slug}
+        )
+        return [App.model_validate(a) for a in response.json().get("apps", [])]
+
+    async def get_app(self, app: str) -> App:
+        response = await self._call("Apps_show", "GET", f"/apps/{app}", scope=app)
+        return App.model_validate(response.json())
+
+    # ------------------------------------------------------------------ machines
+
+    async def list_machines(
+        self,
+        app: str,
+        *,
+        region: str | None = None,
+        states: Iterable[str] = (),
+        metadata: dict[str, str] | None = None,
+        summary: bool = False,
+        include_deleted: bool = False,
+    ) -> list[Machine]:
+        params: dict[str, Any] = {}
+        if region:
+            params["region"] = region
+        if states := list(states):
+            params["state"] = ",".join(states)
+        if summary:
+            params["summary"] = "true"
+        if include_deleted:
+            params["include_deleted"] = "true"
+        for key, value in (metadata or {}).items():
+            params[f"metadata.{key}"] = value
+        response = await self._call("Machines_list", "GET", f"/apps/{app}/machines", scope=app, params=params)
+        return [Machine.model_validate(m) for m in response.json()]
+
+    async def get_machine(self, app: str, machine_id: str) -> Machine:
+        response = await self._call(
+            "Machines_show", "GET", f"/apps/{app}/machines/{machine_id}", scope=machine_id
+        )
+        return Machine.model_validate(response.json())
+
+    async def create_machine(
+        self,
+        app: str,
+        config: MachineConfig,
+        *,
+        region: str,
+        name: str | None = None,
+        skip_launch: bool = False,
+        lease_ttl: int | None = None,
+        idempotency_key: str | None = None,
+    ) -> Machine:
+        """Create a machine; after an ambiguous failure, look it up by its idempotency key before a retry."""
+        key = idempotency_key or secrets.token_hex(12)
+        keyed = config.copy_with(metadata={**config.metadata, IDEMPOTENCY_KEY: key})
+        body: dict[str, Any] = {"config": keyed.to_api(), "region": region}
+        if name:
+            body["name"] = name
+        if skip_launch:
+            body["skip_launch"] = True
+        if lease_ttl:
+            body["lease_ttl"] = lease_ttl
+        retry = 0
+        while True:
+            try:
+                response = await self._call(
+                    "Machines_create",
+                    "POST",
+                    f"/apps/{app}/machines",
+                    scope=app,
+                    body=body,
+                    ambiguous_retry=False,
+                )
+                return Machine.model_validate(response.json())
+            except (errors.RequestTimeout, errors.ServerError, errors.TransportError) as exc:
+                found = await self.list_machines(app, metadata={IDEMPOTENCY_KEY: key}, include_deleted=False)
+                if found:
+                    log.info(
+                        "create of %s in %s was ambiguous (%s); found it as %s",
+                        app,
+                        region,
+                        exc.status,
+                        found[0].id,
+                    )
+                    return found[0]
+                if retry + 1 >= self._retry.attempts:
+                    raise
+                if self._metrics is not None:
+                    self._metrics.retries.labels("Machines_create", "ambiguous").inc()
+                await self._clock.sleep(self._retry.delay(retry, self._rng))
+                retry += 1
+
+    async def update_machine(
+        self,
+        app: str,
+        machine_id: str,
+        config: MachineConfig,
+        *,
+        current_version: str | None = None,
+        nonce: str | None = None,
+        skip_launch: bool | None = None,
+    ) -> Machine:
+        """Replace the machine's whole config (Fly takes no partial update)."""
+        body: dict[str, Any] = {"config": config.to_api()}
+        if current_version:
+            body["current_version"] = current_version
+        if skip_launch is not None:
+            body["skip_launch"] = skip_launch
+        response = await self._call(
+            "Machines_update",
+            "POST",
+            f"/apps/{app}/machines/{machine_id}",
+            scope=machine_id,
+            body=body,
+            nonce=nonce,
+        )
+        return Machine.model_validate(response.json())
+
+    async def _lifecycle(
+        self, endpoint: str, app: str, machine_id: str, verb: str, nonce: str | None
+    ) -> dict[str, Any]:
+        path = f"/apps/{app}/machines/{machine_id}/{verb}"
+        response = await self._call(endpoint, "POST", path, scope=machine_id, nonce=nonce)
+        result: dict[str, Any] = response.json() if response.content else {}
+        return result
+
+    async def start_machine(self, app: str, machine_id: str, *, nonce: str | None = None) -> dict[str, Any]:
+        return await self._lifecycle("Machines_start", app, machine_id, "start", nonce)
+
+    async def stop_machine(self, app: str, machine_id: str, *, nonce: str | None = None) -> dict[str, Any]:
+        return await self._lifecycle("Machines_stop", app, machine_id, "stop", nonce)
+
+    async def suspend_machine(self, app: str, machine_id: str, *, nonce: str | None = None) -> dict[str, Any]:
+        return await self._lifecycle("Machines_suspend", app, machine_id, "suspend", nonce)
+
+    async def restart_machine(self, app: str, machine_id: str, *, nonce: str | None = None) -> dict[str, Any]:
+        return await self._lifecycle("Machines_restart", app, machine_id, "restart", nonce)
+
+    async def destroy_machine(
+        self, app: str, machine_id: str, *, force: bool = False, nonce: str | None = None
+    ) -> None:
+        params = {"force": "true"} if force else None
+        await self._call(
+            "Machines_delete",
+            "DELETE",
+            f"/apps/{app}/machines/{machine_id}",
+            scope=machine_id,
+            params=params,
+            nonce=nonce,
+        )
+
+    async def wait(
+        self,
+        app: str,
+        machine_id: str,
+        states: str | Iterable[str] = "started",
+        *,
+        timeout: float = 60.0,
+        version: str | None = None,
+    ) -> WaitResult:
+        """Block until the machine (or its `version`) reaches one of `states`; past 60 s by looping on 408."""
+        wanted = [states] if isinstance(states, str) else list(states)
+        deadline = self._clock.now() + timeout
+        path = f"/apps/{app}/machines/{machine_id}/wait"
+        while True:
+            remaining = deadline - self._clock.now()
+            per_call = max(1, min(MAX_WAIT_PER_CALL, math.ceil(remaining)))
+            params: list[tuple[str, Any]] = [("state", s) for s in wanted] + [("timeout", per_call)]
+            if version:
+                params.append(("version", version))
+            response = await self._call(
+                "Machines_wait",
+                "GET",
+                path,
+                scope=machine_id,
+                params=params,
+                timeout=per_call + 10.0,
+                expect=(408,),
+            )
+            if response.status_code != 408:
+                return WaitResult.model_validate(response.json())
+            if self._clock.now() >= deadline:
+                raise _error_from("Machines_wait", response)
+
+    # ------------------------------------------------------------------ leases
+
+    async def acquire_lease(
+        self, app: str, machine_id: str, *, ttl: int, description: str = "flywatch"
+    ) -> Lease:
+        path = f"/apps/{app}/machines/{machine_id}/lease"
+        body = {"ttl": ttl, "description": description}
+        response = await self._call("Machines_create_lease", "POST", path, scope=machine_id, body=body)
+        return Lease.model_validate(response.json()["data"])
+
+    async def refresh_lease(self, app: str, machine_id: str, nonce: str, *, ttl: int) -> Lease:
+        path = f"/apps/{app}/machines/{machine_id}/lease"
+        body = {"ttl": ttl, "description": "flywatch"}
+        response = await self._call(
+            "Machines_create_lease", "POST", path, scope=machine_id, body=body, nonce=nonce
+        )
+        return Lease.model_validate(response.json()["data"])
+
+    async def get_lease(self, app: str, machine_id: str) -> Lease | None:
+        path = f"/apps/{app}/machines/{machine_id}/lease"
+        response = await self._call("Machines_show_lease", "GET", path, scope=machine_id, expect=(404,))
+        if response.status_code == 404:
+            return None
+        return Lease.model_validate(response.json()["data"])
+
+    async def release_lease(self, app: str, machine_id: str, nonce: str) -> bool:
+        """Release our lease; False when it had already expired (Fly answers 404 then)."""
+        path = f"/apps/{app}/machines/{machine_id}/lease"
+        response = await self._call(
+            "Machines_release_lease", "DELETE", path, scope=machine_id, nonce=nonce, expect=(404,)
+        )
+        return response.status_code != 404
+
+    @contextlib.asynccontextmanager
+    async def lease(
+        self, app: str, machine_id: str, *, ttl: int = 30, description: str = "flywatch"
+    ) -> AsyncIterator[HeldLease]:
+        """Hold the machine's lease for the block, refreshed in the background, released at the end.
+
+        Raises LeaseHeld at once when someone else holds it: the caller skips the machine.
+        """
+        lease = await self.acquire_lease(app, machine_id, ttl=ttl, description=description)
+        held = HeldLease(lease)
+        refresher = asyncio.ensure_future(self._keep_lease(app, machine_id, held, ttl))
+        try:
+            yield held
+        finally:
+            refresher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await refresher
+            try:
+                await self.release_lease(app, machine_id, held.nonce)
+            except errors.FlyApiError as exc:
+                log.warning("could not release the lease on %s/%s: %s", app, machine_id, exc)
+
+    async def _keep_lease(self, app: str, machine_id: str, held: HeldLease, ttl: int) -> None:
+        period = max(ttl / 3.0, 0.5)
+        while True:
+            await self._clock.sleep(period)
+            try:
+                held.lease = await self.refresh_lease(app, machine_id, held.nonce, ttl=ttl)
+            except errors.FlyApiError as exc:
+                held.lost = str(exc)
+                log.warning("lost the lease on %s/%s: %s", app, machine_id, exc)
+                return
+
+    # ------------------------------------------------------------------ metadata, versions, events
+
+    async def get_metadata(self, app: str, machine_id: str) -> dict[str, str]:
+        path = f"/apps/{app}/machines/{machine_id}/metadata"
+        response = await self._call("Machines_show_metadata", "GET", path, scope=machine_id)
+        return {str(k): str(v) for k, v in response.json().items()}
+
+    async def set_metadata(self, app: str, machine_id: str, key: str, value: str) -> None:
+        path = f"/apps/{app}/machines/{machine_id}/metadata/{key}"
+        await self._call("Machines_upsert_metadata", "POST", path, scope=machine_id, body={"value": value})
+
+    async def delete_metadata(self, app: str, machine_id: str, key: str) -> None:
+        path = f"/apps/{app}/machines/{machine_id}/metadata/{key}"
+        await self._call("Machines_delete_metadata", "DELETE", path, scope=machine_id)
+
+    async def list_versions(self, app: str, machine_id: str) -> list[MachineVersion]:
+        path = f"/apps/{app}/machines/{machine_id}/versions"
+        response = await self._call("Machines_list_versions", "GET", path, scope=machine_id)
+        return [MachineVersion.model_validate(v) for v in response.json()]
+
+    async def list_events(self, app: str, machine_id: str, *, limit: int = 20) -> list[MachineEvent]:
+        path = f"/apps/{app}/machines/{machine_id}/events"
+        response = await self._call(
+            "Machines_list_events", "GET", path, scope=machine_id, params={"limit": limit}
+        )
+        return [MachineEvent.model_validate(e) for e in response.json()]
+
+
+@dataclass
+class HeldLease:
+    """A lease we hold. `lost` says why, when a refresh failed and the lease may be gone."""
+
+    lease: Lease
+    lost: str = ""
+
+    @property
+    def nonce(self) -> str:
+        return self.lease.nonce
