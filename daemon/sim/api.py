@@ -75,6 +75,18 @@ def error_response(error: ApiError) -> web.Response:
     return json_response(error.body, error.status)
 
 
+LEASE_OPERATIONS = frozenset({"Machines_create_lease", "Machines_show_lease", "Machines_release_lease"})
+_LEASE_CODES = {400: "invalid_argument", 404: "not_found", 409: "aborted", 429: "resource_exhausted"}
+
+
+def lease_shaped(error: ApiError, operation: str) -> ApiError:
+    """Lease endpoints answer every error in the lease envelope (machines-api.md §2), `error` kept too."""
+    if operation not in LEASE_OPERATIONS or "status" in error.body:
+        return error
+    code = _LEASE_CODES.get(error.status, "unknown")
+    return errors.lease_envelope_error(error.status, error.message, code)
+
+
 async def read_json(request: web.Request, *, required: bool = True) -> Json:
     raw = await request.read()
     if not raw.strip():
@@ -125,7 +137,7 @@ class MachinesApi:
         except web.HTTPException as exc:
             response = json_response({"error": exc.reason.lower()}, exc.status)
         except ApiError as exc:
-            response = error_response(exc)
+            response = error_response(lease_shaped(exc, operation))
         except Exception:  # a bug of the simulator must still answer as an API would
             log.exception("simulator error on %s %s", request.method, request.path)
             response = json_response({"error": "internal: simulator error"}, 500)
@@ -172,7 +184,7 @@ class MachinesApi:
             scope = request.match_info.get("machine_id") or app_name or "-"
             if not self.limiter.allow(operation, scope):
                 self.counters.rate_limited[operation] += 1
-                return json_response({"error": "rate limit exceeded"}, 429)
+                return error_response(lease_shaped(ApiError(429, "rate limit exceeded"), operation))
         return await handler(request)
 
     def _authenticate(self, request: web.Request) -> Actor:

@@ -7,6 +7,7 @@ log of every mutation). It needs no token: it is the test bench, not Fly.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -81,6 +82,16 @@ def machine_config(
         },
         "metadata": dict(metadata or {}),
     }
+
+
+def _behaviour_problem(key: str, value: Any) -> str | None:
+    """What an ImageBehaviour field should be, when `value` is not that; None when it is fine."""
+    if key == "crash":
+        return None if isinstance(value, bool) else "true or false"
+    number = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if key == "health_status":
+        return None if number and isinstance(value, int) and 100 <= value <= 599 else "an HTTP status"
+    return None if number and value >= 0 else "a number >= 0"
 
 
 class Control:
@@ -167,6 +178,12 @@ class Control:
             ):
                 raise errors.bad_request(f"regions.{region} must be a count or {{state: count}}")
             placements.extend((region, state) for state, n in wanted.items() for _ in range(n))
+        # metadata and load are checked before anything is built, so a bad spec leaves no app behind
+        extra_metadata = spec.get("metadata") or {}
+        values = extra_metadata.values() if isinstance(extra_metadata, dict) else [None]
+        if not all(isinstance(v, str) for v in values):
+            raise errors.bad_request("metadata must map keys to strings")
+        load = self._parse_load(spec["load"]) if spec.get("load") else None
         app = self.platform.create_app(name, org=spec.get("org"), capacity_rps=capacity, base_latency=latency)
         release_id = self.platform.ids.release_id()
         image = str(spec.get("image") or f"registry.fly.io/{name}:deployment-{version}")
@@ -175,7 +192,7 @@ class Control:
             "fly_process_group": "app",
             "fly_release_id": release_id,
             "fly_release_version": str(version),
-            **(spec.get("metadata") or {}),
+            **extra_metadata,
         }
         config = machine_config(
             image,
@@ -190,8 +207,8 @@ class Control:
         except ApiError:
             del self.platform.apps[name]
             raise
-        if spec.get("load"):
-            self.platform.set_load(name, self._parse_load(spec["load"]))
+        if load:
+            self.platform.set_load(name, load)
         return app
 
     @staticmethod
@@ -202,6 +219,8 @@ class Control:
             load = {str(region): float(rps) for region, rps in body.items()}
         except (TypeError, ValueError):
             raise errors.bad_request("load values must be numbers (requests per second)") from None
+        if not all(math.isfinite(rps) for rps in load.values()):
+            raise errors.bad_request("load values must be finite numbers (requests per second)")
         if any(rps < 0 for rps in load.values()):
             raise errors.bad_request("load cannot be negative")
         return load
@@ -284,6 +303,10 @@ class Control:
             behaviour = ImageBehaviour(**fields)
         except TypeError as exc:
             raise errors.bad_request(f"bad image behaviour: {exc}") from None
+        for key, value in fields.items():  # the load model computes with these: a wrong type breaks it later
+            problem = _behaviour_problem(key, value)
+            if problem:
+                raise errors.bad_request(f"bad image behaviour: {key} must be {problem}, got {value!r}")
         self.platform.set_image(image, behaviour)
         return image, behaviour
 

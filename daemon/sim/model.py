@@ -786,6 +786,7 @@ class Platform:
             raise errors.bad_request("mounts cannot be changed by an update")
         previous_state = machine.state
         launch = previous_state in {"started", "failed"} and not _truthy(body.get("skip_launch", False))
+        self.integrate_traffic(self.app(app_name))  # what was served until now, under the old image
         machine.config = config
         machine.instance_id = self.ids.ulid(self.clock.now())
         machine.versions.append((machine.instance_id, copy.deepcopy(config)))

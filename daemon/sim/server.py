@@ -49,8 +49,9 @@ class SimServer:
         self._web = web.Application(middlewares=[self.api.middleware, self.control.middleware])
         self._web.add_routes(self.api.routes())
         self._web.add_routes(self.control.routes())
+        # A request held by a timeout fault never ends by itself: stop cancels it after a short grace.
         self._runner = web.AppRunner(
-            self._web, access_log=None, handle_signals=False, handler_cancellation=True
+            self._web, access_log=None, handle_signals=False, handler_cancellation=True, shutdown_timeout=0.5
         )
         self.host = "127.0.0.1"
         self.port = 0

@@ -22,5 +22,9 @@ async def machine_ids(api: httpx.AsyncClient, app: str = "shop", **params: str) 
     return [m["id"] for m in response.json()]
 
 
-async def wait_state(api: httpx.AsyncClient, app: str, machine_id: str, state: str, **params: Any) -> httpx.Response:
-    return await api.get(f"/apps/{app}/machines/{machine_id}/wait", params={"state": state, "timeout": 5, **params})
+async def wait_state(
+    api: httpx.AsyncClient, app: str, machine_id: str, state: str, **params: Any
+) -> httpx.Response:
+    return await api.get(
+        f"/apps/{app}/machines/{machine_id}/wait", params={"state": state, "timeout": 5, **params}
+    )

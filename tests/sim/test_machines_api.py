@@ -31,9 +31,13 @@ async def test_auth_is_required(sim: SimServer) -> None:
         wrong = await client.get("/apps", params={"org_slug": "x"}, headers={"Authorization": "Bearer nope"})
         assert wrong.status_code == 401
         assert wrong.json()["error"].startswith("Authenticate")
-        basic = await client.get("/apps", params={"org_slug": "x"}, headers={"Authorization": "Basic sim-token"})
+        basic = await client.get(
+            "/apps", params={"org_slug": "x"}, headers={"Authorization": "Basic sim-token"}
+        )
         assert basic.status_code == 401
-        flyv1 = await client.get("/apps", params={"org_slug": "x"}, headers={"Authorization": "FlyV1 sim-token"})
+        flyv1 = await client.get(
+            "/apps", params={"org_slug": "x"}, headers={"Authorization": "FlyV1 sim-token"}
+        )
         assert flyv1.status_code == 200
         assert "fly-request-id" in flyv1.headers
 
@@ -70,7 +74,9 @@ async def test_machine_get_and_404(api: httpx.AsyncClient, control: httpx.AsyncC
     assert missing.json() == {"error": "machine not found"}
 
 
-async def test_create_boots_and_honours_skip_launch(api: httpx.AsyncClient, control: httpx.AsyncClient) -> None:
+async def test_create_boots_and_honours_skip_launch(
+    api: httpx.AsyncClient, control: httpx.AsyncClient
+) -> None:
     """Create answers `created`, then the machine starts; skip_launch leaves it created."""
     await make_app(control)
     config = (await api.get(f"/apps/shop/machines/{(await machine_ids(api))[0]}")).json()["config"]
@@ -97,7 +103,9 @@ async def test_create_errors(api: httpx.AsyncClient, control: httpx.AsyncClient)
     assert no_image.status_code == 400
     assert "config.image" in no_image.json()["error"]
     assert (await api.post("/apps/shop/machines", json={})).status_code == 400
-    malformed = await api.post("/apps/shop/machines", content=b"{not json", headers={"Content-Type": "application/json"})
+    malformed = await api.post(
+        "/apps/shop/machines", content=b"{not json", headers={"Content-Type": "application/json"}
+    )
     assert malformed.status_code == 400
     assert "not valid JSON" in malformed.json()["error"]
     not_object = await api.post("/apps/shop/machines", json=["config"])
@@ -116,7 +124,9 @@ async def test_stop_start_suspend_restart(api: httpx.AsyncClient, control: httpx
     machine_id = (await machine_ids(api))[0]
     path = f"/apps/shop/machines/{machine_id}"
     instance = (await api.get(path)).json()["instance_id"]
-    assert (await api.post(path + "/stop", json={"signal": "SIGTERM", "timeout": "5s"})).json() == {"ok": True}
+    assert (await api.post(path + "/stop", json={"signal": "SIGTERM", "timeout": "5s"})).json() == {
+        "ok": True
+    }
     assert (await api.get(path)).json()["state"] == "stopping"
     assert (await wait_state(api, "shop", machine_id, "stopped", instance_id=instance)).status_code == 200
     assert (await api.post(path + "/suspend")).status_code == 412
@@ -137,7 +147,9 @@ async def test_stop_start_suspend_restart(api: httpx.AsyncClient, control: httpx
     assert bad_signal.status_code == 400
 
 
-async def test_destroy_needs_force_for_a_running_machine(api: httpx.AsyncClient, control: httpx.AsyncClient) -> None:
+async def test_destroy_needs_force_for_a_running_machine(
+    api: httpx.AsyncClient, control: httpx.AsyncClient
+) -> None:
     """Destroy refuses a started machine without force; with force or kill it goes, then answers 404."""
     await make_app(control)
     first, second, _ = await machine_ids(api)
@@ -152,13 +164,17 @@ async def test_destroy_needs_force_for_a_running_machine(api: httpx.AsyncClient,
     assert (await api.delete(f"/apps/shop/machines/{second}", params={"kill": "true"})).status_code == 200
 
 
-async def test_update_replaces_config_and_keeps_state(api: httpx.AsyncClient, control: httpx.AsyncClient) -> None:
+async def test_update_replaces_config_and_keeps_state(
+    api: httpx.AsyncClient, control: httpx.AsyncClient
+) -> None:
     """Update needs the whole config, checks current_version, mints an instance_id; stopped stays stopped."""
     await make_app(control)
     running, parked, _ = await machine_ids(api)
     machine = (await api.get(f"/apps/shop/machines/{running}")).json()
     config = machine["config"] | {"image": "registry.fly.io/shop:v2", "env": {"MODE": "blue"}}
-    stale = await api.post(f"/apps/shop/machines/{running}", json={"config": config, "current_version": "01OLD"})
+    stale = await api.post(
+        f"/apps/shop/machines/{running}", json={"config": config, "current_version": "01OLD"}
+    )
     assert stale.status_code == 409
     updated = await api.post(
         f"/apps/shop/machines/{running}", json={"config": config, "current_version": machine["instance_id"]}
@@ -197,7 +213,10 @@ async def test_versions_and_events(api: httpx.AsyncClient, control: httpx.AsyncC
     new_config = machine["config"] | {"image": "registry.fly.io/shop:v2"}
     await api.post(f"/apps/shop/machines/{machine_id}", json={"config": new_config})
     versions = (await api.get(f"/apps/shop/machines/{machine_id}/versions")).json()
-    assert [v["user_config"]["image"] for v in versions] == ["registry.fly.io/shop:v2", machine["config"]["image"]]
+    assert [v["user_config"]["image"] for v in versions] == [
+        "registry.fly.io/shop:v2",
+        machine["config"]["image"],
+    ]
     assert versions[1]["version"] == machine["instance_id"]
     await wait_state(api, "shop", machine_id, "started")
     events = (await api.get(f"/apps/shop/machines/{machine_id}/events")).json()
@@ -205,7 +224,9 @@ async def test_versions_and_events(api: httpx.AsyncClient, control: httpx.AsyncC
     assert stamps == sorted(stamps, reverse=True)
     assert events[0]["status"] == "started"
     assert len((await api.get(f"/apps/shop/machines/{machine_id}/events", params={"limit": 2})).json()) == 2
-    assert (await api.get(f"/apps/shop/machines/{machine_id}/events", params={"limit": 99})).status_code == 400
+    assert (
+        await api.get(f"/apps/shop/machines/{machine_id}/events", params={"limit": 99})
+    ).status_code == 400
 
 
 async def test_metadata(api: httpx.AsyncClient, control: httpx.AsyncClient) -> None:
@@ -219,7 +240,9 @@ async def test_metadata(api: httpx.AsyncClient, control: httpx.AsyncClient) -> N
     assert (await api.post(base + "/owner", json={})).status_code == 400
     assert (await api.delete(base + "/owner")).status_code == 204
     assert (await api.get(base + "/owner")).status_code == 404
-    assert (await api.patch(base, json={"metadata": {"a": "1", "fly_process_group": None}})).status_code == 204
+    assert (
+        await api.patch(base, json={"metadata": {"a": "1", "fly_process_group": None}})
+    ).status_code == 204
     after = (await api.get(base)).json()
     assert after["a"] == "1"
     assert "fly_process_group" not in after

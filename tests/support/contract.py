@@ -60,7 +60,9 @@ def _template(method: str, path: str) -> str | None:
         if verb != method.lower():
             continue
         tparts = template.strip("/").split("/")
-        if len(tparts) == len(parts) and all(t.startswith("{") or t == p for t, p in zip(tparts, parts, strict=True)):
+        if len(tparts) == len(parts) and all(
+            t.startswith("{") or t == p for t, p in zip(tparts, parts, strict=True)
+        ):
             return template
     return None
 
@@ -69,7 +71,7 @@ def _template(method: str, path: str) -> str | None:
 TOLERATED = {
     "undocumented-body": "the document declares no content for this status; Fly's docs show a JSON body "
     "(start answers {previous_state, migrated, new_host}, stop {ok: true}; machines-api.md §1)",
-    "comma-states": "wait's state accepts repeated or comma-separated values (the parameter's own description)",
+    "comma-states": "wait's state takes repeated or comma-separated values (its own description says so)",
     "lease-without-body": "fly-go acquires leases with ?ttl= and no body (machines-api.md §1)",
     "metadata-null": "bulk metadata updates remove keys given as null (machines-api.md §1)",
 }
@@ -137,7 +139,9 @@ class ContractChecker:
         if exchange.status == 204 and not exchange.response_body and 204 in statuses:
             return  # no content, as documented
         if exchange.status in statuses:
-            response = MockResponse(exchange.response_body, exchange.status, content_type=content_type or "application/json")
+            response = MockResponse(
+                exchange.response_body, exchange.status, content_type=content_type or "application/json"
+            )
             try:
                 openapi().validate_response(request, response)
             except Exception as exc:  # noqa: BLE001
@@ -150,7 +154,9 @@ class ContractChecker:
                 self._check_lease_envelope(where, body)
             return
         if exchange.status < 400:
-            self.violations.append(f"{where}: success status {exchange.status} is not documented ({sorted(statuses)})")
+            self.violations.append(
+                f"{where}: success status {exchange.status} is not documented ({sorted(statuses)})"
+            )
             return
         self._check_error(where, exchange, body, content_type)
 
@@ -179,4 +185,6 @@ class ContractChecker:
         if not isinstance(body.get("error"), str) or not body["error"]:
             self.violations.append(f"{where}: error body lacks an `error` message: {body!r}")
         if "status" in body and body["status"] not in ERROR_STATUS_ENUM:
-            self.violations.append(f"{where}: error status {body['status']!r} not in {sorted(ERROR_STATUS_ENUM)}")
+            self.violations.append(
+                f"{where}: error status {body['status']!r} not in {sorted(ERROR_STATUS_ENUM)}"
+            )
