@@ -1,0 +1,405 @@
+"""Carries out a plan through the Machines API client, under leases, with dry-run.
+
+The choices (which machines, from what to clone) come from core/machines.py; this module only does
+the I/O, in the safe order:
+- every mutation happens under a short lease; a machine whose lease someone else holds (a deploy, a
+  human) is skipped and reported, never fought;
+- scale up starts parked machines of the current release, then creates clones of a healthy machine of the
+  current release (mounts of attached volumes and standbys dropped), created already leased so that no one
+  else touches them while they boot; capacity errors end the creates in that region and are reported;
+- scale down stops (or suspends) the least useful machines; destroys only when the policy says so and the
+  machine has no volume (one with a volume is stopped instead), and only after a graceful stop;
+- a rollout updates machines to target configs `max_parallel` at a time, waits for started, passing checks
+  and the new instance, then verifies the machine really runs the target image (Fly can silently revert an
+  update); the first failure stops it;
+- dry run reads, decides and reports what it would do, and changes nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+from daemon.clock import Clock
+from daemon.core.machines import (
+    MachineView,
+    clone_source,
+    current_release,
+    eligible,
+    to_start,
+    to_take_down,
+)
+from daemon.core.plan import (
+    Action,
+    ActionResult,
+    MachineStep,
+    Outcome,
+    Rollout,
+    RolloutTarget,
+    ScaleDown,
+    ScaleDownMode,
+    ScaleUp,
+    summarise,
+)
+from daemon.fly import errors
+from daemon.fly.client import IDEMPOTENCY_KEY, MachinesClient
+from daemon.fly.models import Machine, MachineConfig
+
+log = logging.getLogger(__name__)
+
+
+class VerificationFailedError(Exception):
+    """The machine does not run what it was just updated to."""
+
+
+CREATED_BY = "flywatch_created"  # metadata on machines flywatch created, so later steps can tell them apart
+_CHECK_POLL = 1.0
+
+
+def view_of(machine: Machine) -> MachineView:
+    return MachineView(
+        id=machine.id,
+        region=machine.region,
+        state=machine.state,
+        image=machine.image,
+        release_version=machine.release_version,
+        created_at=machine.created_at,
+        healthy=machine.checks_passing,
+        has_volume=machine.has_volume,
+        process_group=machine.process_group or "app",
+        host_ok=machine.host_status == "ok",
+        canary=machine.is_canary,
+    )
+
+
+def _effective_mode(action: ScaleDown, has_volume: bool) -> ScaleDownMode:
+    if action.mode is ScaleDownMode.DESTROY and has_volume:
+        return ScaleDownMode.STOP  # a machine with a volume is never destroyed: its data would go with it
+    return action.mode
+
+
+def clone_config(source: MachineConfig) -> MachineConfig:
+    """The source's config for a new machine: its volumes' mounts and standbys dropped, our marks set."""
+    metadata = {k: v for k, v in source.metadata.items() if k != IDEMPOTENCY_KEY}
+    metadata[CREATED_BY] = "true"
+    return source.copy_with(mounts=[], standbys=[], metadata=metadata)
+
+
+class Actuator:
+    def __init__(
+        self,
+        client: MachinesClient,
+        clock: Clock,
+        *,
+        dry_run: bool = False,
+        lease_ttl: int = 30,
+        wait_timeout: float = 120.0,
+        max_concurrency: int = 8,
+    ) -> None:
+        self._client = client
+        self._clock = clock
+        self.dry_run = dry_run
+        self._lease_ttl = lease_ttl
+        self._wait_timeout = wait_timeout
+        self._slots = asyncio.Semaphore(max_concurrency)
+
+    async def execute(self, plan: Sequence[Action]) -> list[ActionResult]:
+        """Carry out every action; actions for different regions or apps run at once. Never raises."""
+        return list(await asyncio.gather(*(self.run(action) for action in plan)))
+
+    async def run(self, action: Action) -> ActionResult:
+        try:
+            if isinstance(action, ScaleUp):
+                result = await self._scale_up(action)
+            elif isinstance(action, ScaleDown):
+                result = await self._scale_down(action)
+            else:
+                result = await self._rollout(action)
+        except errors.FlyApiError as exc:
+            result = ActionResult(action=action, outcome=Outcome.FAILED, reason=f"Machines API: {exc}")
+        log.info(
+            "action %s %s/%s: %s (%s)",
+            action.kind,
+            action.app,
+            action.region or "-",
+            result.outcome.value,
+            result.reason,
+        )
+        return result
+
+    # ------------------------------------------------------------------ helpers
+
+    async def _observe(self, app: str, process_group: str) -> tuple[list[Machine], list[MachineView]]:
+        machines = await self._client.list_machines(app, metadata={"fly_process_group": process_group})
+        if not machines:
+            # older machines may lack the metadata: list them all and filter ourselves
+            machines = await self._client.list_machines(app)
+        by_id = {m.id: m for m in machines}
+        views = eligible((view_of(m) for m in machines), process_group)
+        return [by_id[v.id] for v in views], views
+
+    async def _leased(
+        self,
+        app: str,
+        machine: Machine,
+        operation: str,
+        work: Callable[[str], Awaitable[str]],
+    ) -> MachineStep:
+        """Run `work(nonce)` under the machine's lease; a lease held by someone else skips the machine."""
+        try:
+            async with self._slots, self._client.lease(app, machine.id, ttl=self._lease_ttl) as held:
+                detail = await work(held.nonce)
+                if held.lost:
+                    return MachineStep(
+                        machine.id, operation, Outcome.FAILED, f"lease lost: {held.lost}", machine.region
+                    )
+                return MachineStep(machine.id, operation, Outcome.DONE, detail, machine.region)
+        except errors.LeaseHeld as exc:
+            why = f"leased by someone else: {exc.message}"
+            return MachineStep(machine.id, operation, Outcome.SKIPPED, why, machine.region)
+        except (errors.FlyApiError, VerificationFailedError) as exc:
+            return MachineStep(machine.id, operation, Outcome.FAILED, str(exc), machine.region)
+
+    def _dry(self, action: Action, would: list[str]) -> ActionResult:
+        text = "; ".join(would) if would else "nothing to do"
+        return ActionResult(
+            action=action, outcome=Outcome.SKIPPED, reason=f"dry run: would {text}", dry_run=True
+        )
+
+    # ------------------------------------------------------------------ scale up
+
+    async def _scale_up(self, action: ScaleUp) -> ActionResult:
+        machines, views = await self._observe(action.app, action.process_group)
+        release = current_release(views)
+        if release is None or action.count <= 0:
+            return ActionResult(action, Outcome.SKIPPED, "no machine of the app to start or clone from")
+        by_id = {m.id: m for m in machines}
+        starts = to_start(views, action.region, release, action.count)
+        missing = action.count - len(starts)
+        source = clone_source(views, action.region, release) if missing > 0 else None
+        if self.dry_run:
+            would = [f"start {m.id} ({m.state})" for m in starts]
+            if missing > 0:
+                origin = (
+                    f"clones of {source.id}" if source else "clones (but no healthy machine to clone from)"
+                )
+                would.append(f"create {missing} {origin} in {action.region}")
+            return self._dry(action, would)
+        steps = list(await asyncio.gather(*(self._start(action.app, by_id[m.id]) for m in starts)))
+        missing = action.count - sum(1 for s in steps if s.outcome is Outcome.DONE)
+        note = ""
+        if missing > 0:
+            if source is None:
+                source = clone_source(views, action.region, release)
+            if source is None:
+                note = (
+                    f"no healthy started machine of release {release.version} ({release.image}) to clone from"
+                )
+            else:
+                steps.extend(await self._create(action, by_id[source.id], missing))
+        return summarise(action, steps, action.count, note)
+
+    async def _start(self, app: str, machine: Machine) -> MachineStep:
+        async def work(nonce: str) -> str:
+            await self._client.start_machine(app, machine.id, nonce=nonce)
+            await self._client.wait(app, machine.id, "started", timeout=self._wait_timeout)
+            return f"started from {machine.state}"
+
+        return await self._leased(app, machine, "start", work)
+
+    async def _create(self, action: ScaleUp, source: Machine, count: int) -> list[MachineStep]:
+        config = source.config
+        if config is None:
+            return [
+                MachineStep(
+                    "", "create", Outcome.FAILED, f"clone source {source.id} has no config", action.region
+                )
+            ]
+        steps = []
+        for _ in range(count):
+            step = await self._create_one(action, source, clone_config(config))
+            steps.append(step)
+            if step.outcome is Outcome.FAILED and "capacity" in step.reason:
+                # the region is full: more creates would fail the same way
+                left = count - len(steps)
+                if left:
+                    why = f"not tried: {action.region} has no capacity"
+                    steps.extend(
+                        MachineStep("", "create", Outcome.FAILED, why, action.region) for _ in range(left)
+                    )
+                break
+        return steps
+
+    async def _create_one(self, action: ScaleUp, source: Machine, config: MachineConfig) -> MachineStep:
+        try:
+            async with self._slots:
+                created = await self._client.create_machine(
+                    action.app, config, region=action.region, lease_ttl=self._lease_ttl
+                )
+        except errors.InsufficientCapacity as exc:
+            return MachineStep(
+                "",
+                "create",
+                Outcome.FAILED,
+                f"insufficient capacity in {action.region}: {exc.message}",
+                action.region,
+            )
+        except errors.FlyApiError as exc:
+            return MachineStep("", "create", Outcome.FAILED, str(exc), action.region)
+        try:
+            await self._client.wait(
+                action.app, created.id, "started", timeout=self._wait_timeout, version=created.instance_id
+            )
+        except errors.FlyApiError as exc:
+            return MachineStep(
+                created.id, "create", Outcome.FAILED, f"created but not started: {exc}", action.region
+            )
+        finally:
+            if created.nonce:
+                try:
+                    await self._client.release_lease(action.app, created.id, created.nonce)
+                except errors.FlyApiError as exc:
+                    log.warning("could not release the lease on new machine %s: %s", created.id, exc)
+        return MachineStep(created.id, "create", Outcome.DONE, f"cloned from {source.id}", action.region)
+
+    # ------------------------------------------------------------------ scale down
+
+    async def _scale_down(self, action: ScaleDown) -> ActionResult:
+        machines, views = await self._observe(action.app, action.process_group)
+        release = current_release(views)
+        victims, note = to_take_down(views, action.region, action.count, action.min_machines, release)
+        by_id = {m.id: m for m in machines}
+        if self.dry_run:
+            would = [f"{_effective_mode(action, v.has_volume).value} {v.id}" for v in victims]
+            return self._dry(action, would + ([note] if note else []))
+        steps = list(await asyncio.gather(*(self._take_down(action, by_id[v.id]) for v in victims)))
+        return summarise(action, steps, action.count, note)
+
+    async def _take_down(self, action: ScaleDown, machine: Machine) -> MachineStep:
+        app = action.app
+        mode = _effective_mode(action, machine.has_volume)
+
+        async def work(nonce: str) -> str:
+            if mode is ScaleDownMode.SUSPEND:
+                try:
+                    await self._client.suspend_machine(app, machine.id, nonce=nonce)
+                    await self._client.wait(app, machine.id, "suspended", timeout=self._wait_timeout)
+                except errors.PreconditionFailed as exc:
+                    await self._stop(app, machine, nonce)
+                    return f"stopped (suspend refused: {exc.message})"
+                else:
+                    return "suspended"
+            await self._stop(app, machine, nonce)
+            if mode is ScaleDownMode.DESTROY:
+                await self._client.destroy_machine(app, machine.id, nonce=nonce)
+                return "stopped, then destroyed"
+            if action.mode is ScaleDownMode.DESTROY:
+                return "stopped (it has a volume, so it is not destroyed)"
+            return "stopped"
+
+        return await self._leased(app, machine, mode.value, work)
+
+    async def _stop(self, app: str, machine: Machine, nonce: str) -> None:
+        await self._client.stop_machine(app, machine.id, nonce=nonce)
+        await self._client.wait(
+            app, machine.id, "stopped", timeout=self._wait_timeout, version=machine.instance_id
+        )
+
+    # ------------------------------------------------------------------ rollout
+
+    async def _rollout(self, action: Rollout) -> ActionResult:
+        if self.dry_run:
+            return self._dry(action, [f"update {t.machine_id} to {t.image}" for t in action.targets])
+        steps: list[MachineStep] = []
+        stopped_by: str = ""
+        for start in range(0, len(action.targets), max(action.max_parallel, 1)):
+            chunk = action.targets[start : start + max(action.max_parallel, 1)]
+            if stopped_by:
+                steps.extend(MachineStep(t.machine_id, "update", Outcome.SKIPPED, stopped_by) for t in chunk)
+                continue
+            results = await asyncio.gather(*(self._update_one(action.app, target) for target in chunk))
+            steps.extend(results)
+            failed = [s for s in results if s.outcome is Outcome.FAILED]
+            if failed:
+                stopped_by = f"not tried: the rollout stopped after {failed[0].machine_id} failed"
+        return summarise(action, steps, len(action.targets))
+
+    async def _update_one(self, app: str, target: RolloutTarget) -> MachineStep:
+        try:
+            machine = await self._client.get_machine(app, target.machine_id)
+        except errors.FlyApiError as exc:
+            return MachineStep(target.machine_id, "update", Outcome.FAILED, str(exc))
+        wanted = MachineConfig.model_validate(dict(target.config))
+        if machine.config is not None and machine.config.to_api() == wanted.to_api():
+            return MachineStep(
+                machine.id, "update", Outcome.SKIPPED, "already runs the target config", machine.region
+            )
+        was_running = machine.state in {"started", "starting"}
+
+        async def work(nonce: str) -> str:
+            updated = await self._client.update_machine(
+                app, machine.id, wanted, current_version=machine.instance_id, nonce=nonce
+            )
+            if was_running:
+                await self._client.wait(
+                    app, machine.id, "started", timeout=self._wait_timeout, version=updated.instance_id
+                )
+                await self._await_checks(app, machine.id)
+            return await self._verify(app, machine.id, updated.instance_id, target.image)
+
+        return await self._leased(app, machine, "update", work)
+
+    async def _await_checks(self, app: str, machine_id: str) -> None:
+        """Until every Fly check of the machine passes (a machine without checks passes at once)."""
+        deadline = self._clock.now() + self._wait_timeout
+        while True:
+            machine = await self._client.get_machine(app, machine_id)
+            verdict = machine.checks_passing
+            if verdict is True or not machine.checks:
+                return
+            if self._clock.now() >= deadline:
+                states = ", ".join(f"{c.name}={c.status}" for c in machine.checks)
+                raise errors.RequestTimeout(
+                    "Machines_show", f"checks not passing after {self._wait_timeout:g}s: {states}"
+                )
+            await self._clock.sleep(_CHECK_POLL)
+
+    async def _verify(self, app: str, machine_id: str, instance_id: str, image: str) -> str:
+        """Fly can silently revert an update: read the machine back and check what it really runs."""
+        machine = await self._client.get_machine(app, machine_id)
+        if machine.image != image:
+            raise VerificationFailedError(
+                f"update reverted: Fly reports image {machine.image}, not {image} "
+                f"(instance {machine.instance_id})"
+            )
+        if machine.instance_id != instance_id:
+            raise VerificationFailedError(
+                f"update reverted: instance {machine.instance_id} is not the updated {instance_id}"
+            )
+        return f"runs {image} as instance {instance_id}"
+
+
+def results_json(results: Sequence[ActionResult]) -> list[dict[str, Any]]:
+    """Plain JSON of results, for logs and the state store."""
+    return [
+        {
+            "kind": r.action.kind,
+            "app": r.action.app,
+            "region": r.action.region,
+            "outcome": r.outcome.value,
+            "reason": r.reason,
+            "dry_run": r.dry_run,
+            "steps": [
+                {
+                    "machine": s.machine_id,
+                    "operation": s.operation,
+                    "outcome": s.outcome.value,
+                    "reason": s.reason,
+                }
+                for s in r.steps
+            ],
+        }
+        for r in results
+    ]
