@@ -8,6 +8,7 @@ fault asks for one); no request, however malformed, gets a traceback or a bare 5
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import secrets
@@ -167,19 +168,33 @@ class MachinesApi:
         request[ACTOR_KEY] = self._authenticate(request)
         app_name = request.match_info.get("app_name")
         fault = self.faults.hit(operation, app_name)
-        if fault is not None:
-            self.counters.faults[operation] += 1
-            if fault.latency:
-                await self.platform.clock.sleep(fault.latency)
-            if fault.timeout:
-                await asyncio.Event().wait()  # never answers; the client's timeout ends it
-            if fault.status:
-                if fault.body is not None:
-                    return web.Response(status=fault.status, text=fault.body, content_type="text/html")
-                phrase = (
-                    HTTPStatus(fault.status).phrase.lower() if fault.status in _KNOWN_STATUSES else "error"
-                )
-                return json_response({"error": f"{phrase} (injected fault {fault.id})"}, fault.status)
+        if fault is None:
+            return await self._limited(request, handler, operation, app_name)
+        spec = fault.spec
+        self.counters.faults[operation] += 1
+        if spec.latency:
+            await self.platform.clock.sleep(spec.latency)
+        if spec.after:
+            # the request is carried out, then its answer is lost: an ambiguous failure for the client
+            with contextlib.suppress(ApiError, web.HTTPException):
+                await self._limited(request, handler, operation, app_name)
+        if spec.timeout:
+            await asyncio.Event().wait()  # never answers; the client's timeout ends it
+        if not spec.status:
+            return await self._limited(request, handler, operation, app_name)
+        if spec.body is not None:
+            response = web.Response(status=spec.status, text=spec.body, content_type="text/html")
+        else:
+            phrase = HTTPStatus(spec.status).phrase.lower() if spec.status in _KNOWN_STATUSES else "error"
+            response = json_response({"error": f"{phrase} (injected fault {fault.id})"}, spec.status)
+        if spec.retry_after is not None:
+            response.headers["Retry-After"] = f"{spec.retry_after:g}"
+        return response
+
+    async def _limited(
+        self, request: web.Request, handler: Handler, operation: str, app_name: str | None
+    ) -> web.StreamResponse:
+        """Fly's rate limits, then the handler."""
         if self.platform.settings.rate_limits and operation != "unknown":
             scope = request.match_info.get("machine_id") or app_name or "-"
             if not self.limiter.allow(operation, scope):
@@ -202,6 +217,10 @@ class MachinesApi:
         return Actor(owner=owner)
 
     # ------------------------------------------------------------ routes
+
+    def endpoints(self) -> frozenset[str]:
+        """The operationIds this API serves (what faults and counters name)."""
+        return frozenset(str(r.kwargs["name"]) for r in self.routes() if r.kwargs.get("name") != "unknown")
 
     def routes(self) -> list[web.RouteDef]:
         m = "/v1/apps/{app_name}/machines/{machine_id}"

@@ -7,44 +7,31 @@ log of every mutation). It needs no token: it is the test bench, not Fly.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 from aiohttp import web
 
 from daemon.sim import errors
 from daemon.sim.api import Counters, json_response, read_json
-from daemon.sim.deploy import Deployer, DeployRequest
+from daemon.sim.deploy import Deployer
 from daemon.sim.errors import ApiError
 from daemon.sim.faults import FaultBook
 from daemon.sim.fleet import Fleet
 from daemon.sim.load import ImageBehaviour
-from daemon.sim.model import Json, Outage, Platform
+from daemon.sim.model import App, Json, Outage, Platform
+from daemon.sim.specs import (
+    ApiFaultSpec,
+    AppSpec,
+    CapacitySpec,
+    DeploySpec,
+    ImageSpec,
+    LoadSpec,
+    OutageSpec,
+    parse,
+    parse_fault,
+)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-IMAGE_MODES: dict[str, dict[str, Any]] = {
-    "healthy": {},
-    "unhealthy": {"health_status": 500},
-    "errors": {"error_rate": 0.2},
-    "slow": {"extra_latency": 1.0},
-    "crash": {"crash": True},
-}
-APP_FIELDS = {
-    "name",
-    "org",
-    "image",
-    "regions",
-    "internal_port",
-    "health_path",
-    "capacity_rps",
-    "base_latency",
-    "volume_gb",
-    "metadata",
-    "release_version",
-    "guest",
-    "load",
-}
 
 
 def machine_config(
@@ -84,20 +71,17 @@ def machine_config(
     }
 
 
-def _behaviour_problem(key: str, value: Any) -> str | None:
-    """What an ImageBehaviour field should be, when `value` is not that; None when it is fine."""
-    if key == "crash":
-        return None if isinstance(value, bool) else "true or false"
-    number = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-    if key == "health_status":
-        return None if number and isinstance(value, int) and 100 <= value <= 599 else "an HTTP status"
-    return None if number and value >= 0 else "a number >= 0"
-
-
 class Control:
     def __init__(
-        self, platform: Platform, fleet: Fleet, deployer: Deployer, faults: FaultBook, counters: Counters
+        self,
+        platform: Platform,
+        fleet: Fleet,
+        deployer: Deployer,
+        faults: FaultBook,
+        counters: Counters,
+        endpoints: frozenset[str] = frozenset(),
     ) -> None:
+        self.endpoints = endpoints  # the operationIds an API fault may name
         self.platform = platform
         self.fleet = fleet
         self.deployer = deployer
@@ -149,81 +133,31 @@ class Control:
         await self.fleet.idle()
         return json_response(self.app_summary(app.name), 201)
 
-    def build_app(self, spec: Json) -> Any:
-        """Create an app and place its machines, from a spec like the README's. Returns the App."""
-        unknown = set(spec) - APP_FIELDS
-        if unknown:
-            raise errors.bad_request(f"unknown app field(s) {sorted(unknown)}; expected {sorted(APP_FIELDS)}")
-        name = spec.get("name")
-        if not isinstance(name, str):
-            raise errors.bad_request("name is required")
-        regions = spec.get("regions") or {}
-        if not isinstance(regions, dict) or not regions:
-            raise errors.bad_request(
-                "regions is required: {region: count} or {region: {started: n, stopped: m}}"
-            )
-        try:
-            capacity = float(spec.get("capacity_rps", 50.0))
-            latency = float(spec.get("base_latency", 0.1))
-            port = int(spec.get("internal_port", 8080))
-            volume_gb = int(spec.get("volume_gb", 0))
-            version = int(spec.get("release_version", 1))
-        except (TypeError, ValueError) as exc:
-            raise errors.bad_request(f"bad app field: {exc}") from None
-        placements: list[tuple[str, str]] = []
-        for region, counts in regions.items():
-            wanted = {"started": counts} if isinstance(counts, int) else counts
-            if not isinstance(wanted, dict) or not all(
-                isinstance(n, int) and n >= 0 for n in wanted.values()
-            ):
-                raise errors.bad_request(f"regions.{region} must be a count or {{state: count}}")
-            placements.extend((region, state) for state, n in wanted.items() for _ in range(n))
-        # metadata and load are checked before anything is built, so a bad spec leaves no app behind
-        extra_metadata = spec.get("metadata") or {}
-        values = extra_metadata.values() if isinstance(extra_metadata, dict) else [None]
-        if not all(isinstance(v, str) for v in values):
-            raise errors.bad_request("metadata must map keys to strings")
-        load = self._parse_load(spec["load"]) if spec.get("load") else None
-        app = self.platform.create_app(name, org=spec.get("org"), capacity_rps=capacity, base_latency=latency)
-        release_id = self.platform.ids.release_id()
-        image = str(spec.get("image") or f"registry.fly.io/{name}:deployment-{version}")
+    def build_app(self, body: Json) -> App:
+        """Create an app and place its machines, from a spec like the README's."""
+        spec = parse(AppSpec, body, "app")
+        app = self.platform.create_app(
+            spec.name, org=spec.org, capacity_rps=spec.capacity_rps, base_latency=spec.base_latency
+        )
         metadata = {
             "fly_platform_version": "v2",
             "fly_process_group": "app",
-            "fly_release_id": release_id,
-            "fly_release_version": str(version),
-            **extra_metadata,
+            "fly_release_id": self.platform.ids.release_id(),
+            "fly_release_version": str(spec.release_version),
+            **spec.metadata,
         }
         config = machine_config(
-            image,
-            internal_port=port,
-            health_path=str(spec.get("health_path", "/health")),
+            spec.image or f"registry.fly.io/{spec.name}:deployment-{spec.release_version}",
+            internal_port=spec.internal_port,
+            health_path=spec.health_path,
             metadata=metadata,
-            guest=spec.get("guest"),
+            guest=spec.guest,
         )
-        try:
-            for region, state in placements:
-                self.platform.place_machine(app, region, config, state, volume_gb)
-        except ApiError:
-            del self.platform.apps[name]
-            raise
-        if load:
-            self.platform.set_load(name, load)
+        for region, state in spec.placements():
+            self.platform.place_machine(app, region, config, state, spec.volume_gb)
+        if spec.load:
+            self.platform.set_load(spec.name, dict(spec.load))
         return app
-
-    @staticmethod
-    def _parse_load(body: Any) -> dict[str, float]:
-        if not isinstance(body, dict):
-            raise errors.bad_request("load must map region codes to requests per second")
-        try:
-            load = {str(region): float(rps) for region, rps in body.items()}
-        except (TypeError, ValueError):
-            raise errors.bad_request("load values must be numbers (requests per second)") from None
-        if not all(math.isfinite(rps) for rps in load.values()):
-            raise errors.bad_request("load values must be finite numbers (requests per second)")
-        if any(rps < 0 for rps in load.values()):
-            raise errors.bad_request("load cannot be negative")
-        return load
 
     def app_summary(self, name: str) -> Json:
         app = self.platform.app(name)
@@ -267,15 +201,15 @@ class Control:
 
     async def set_load(self, request: web.Request) -> web.Response:
         name = request.match_info["app"]
-        self.platform.set_load(name, self._parse_load(await read_json(request)))
+        load = parse(LoadSpec, {"load": await read_json(request)}, "load").load
+        self.platform.set_load(name, dict(load))
         return json_response({"load": self.platform.app(name).load})
 
     # ------------------------------------------------------------ releases and images
 
     async def deploy(self, request: web.Request) -> web.Response:
-        release = self.deployer.deploy(
-            request.match_info["app"], DeployRequest.parse(await read_json(request))
-        )
+        spec = parse(DeploySpec, await read_json(request), "deploy request")
+        release = self.deployer.deploy(request.match_info["app"], spec)
         return json_response(release.to_json(), 202)
 
     async def releases(self, request: web.Request) -> web.Response:
@@ -289,26 +223,12 @@ class Control:
         image, behaviour = self.mark_image(await read_json(request))
         return json_response({"image": image, **vars(behaviour)})
 
-    def mark_image(self, spec: Json) -> tuple[str, ImageBehaviour]:
+    def mark_image(self, body: Json) -> tuple[str, ImageBehaviour]:
         """Say how an image's instances behave: {image, mode, and any ImageBehaviour field}."""
-        body = dict(spec)
-        image = body.pop("image", None)
-        if not isinstance(image, str) or not image:
-            raise errors.bad_request("image is required")
-        mode = str(body.pop("mode", "healthy"))
-        if mode not in IMAGE_MODES:
-            raise errors.bad_request(f"mode must be one of {sorted(IMAGE_MODES)}, got {mode!r}")
-        fields: dict[str, Any] = {**IMAGE_MODES[mode], **body}
-        try:
-            behaviour = ImageBehaviour(**fields)
-        except TypeError as exc:
-            raise errors.bad_request(f"bad image behaviour: {exc}") from None
-        for key, value in fields.items():  # the load model computes with these: a wrong type breaks it later
-            problem = _behaviour_problem(key, value)
-            if problem:
-                raise errors.bad_request(f"bad image behaviour: {key} must be {problem}, got {value!r}")
-        self.platform.set_image(image, behaviour)
-        return image, behaviour
+        spec = parse(ImageSpec, body, "image behaviour")
+        behaviour = ImageBehaviour(**spec.behaviour_fields())
+        self.platform.set_image(spec.image, behaviour)
+        return spec.image, behaviour
 
     # ------------------------------------------------------------ faults
 
@@ -321,33 +241,33 @@ class Control:
             for o in self.platform.outages
         ]
         capacity = [{"kind": "capacity", "region": r} for r in sorted(self.platform.capacity_errors)]
-        return [f.to_json() for f in self.faults.faults] + outages + capacity
+        reverts = [{"kind": "revert_update", "app": a, "count": n} for a, n in self.platform.revert_updates]
+        return [f.to_json() for f in self.faults.faults] + outages + capacity + reverts
 
     async def add_fault(self, request: web.Request) -> web.Response:
-        body = await read_json(request)
-        kind = body.get("kind", "api")
-        if kind == "api":
-            return json_response(self.faults.add(body).to_json(), 201)
-        region = body.get("region")
-        if not isinstance(region, str) or not region:
-            raise errors.bad_request(f"a {kind} fault needs a region")
-        if kind == "region_outage":
-            mode = body.get("mode", "blackhole")
-            if mode not in ("blackhole", "refuse"):
-                raise errors.bad_request("mode must be blackhole or refuse")
-            self.platform.set_outage(Outage(region=region, app=body.get("app"), mode=mode))
+        spec = parse_fault(await read_json(request))
+        if isinstance(spec, ApiFaultSpec):
+            if spec.endpoint != "*" and spec.endpoint not in self.endpoints:
+                raise errors.bad_request(
+                    f"bad fault: endpoint {spec.endpoint!r} is not one the simulator serves; "
+                    f"expected * or one of {sorted(self.endpoints)}"
+                )
+            return json_response(self.faults.add(spec).to_json(), 201)
+        if isinstance(spec, OutageSpec):
+            self.platform.set_outage(Outage(region=spec.region, app=spec.app, mode=spec.mode))
             self.fleet.resync()
             await self.fleet.idle()
-        elif kind == "capacity":
-            self.platform.capacity_errors.add(region)
+        elif isinstance(spec, CapacitySpec):
+            self.platform.capacity_errors.add(spec.region)
         else:
-            raise errors.bad_request(f"kind must be api, region_outage or capacity, got {kind!r}")
-        return json_response({"kind": kind, **body}, 201)
+            self.platform.revert_updates.append((spec.app, spec.count))
+        return json_response(spec.model_dump(), 201)
 
     async def clear_faults(self, _request: web.Request) -> web.Response:
         self.faults.faults.clear()
         self.platform.clear_outages()
         self.platform.capacity_errors.clear()
+        self.platform.revert_updates.clear()
         self.fleet.resync()
         await self.fleet.idle()
         return json_response({"ok": True})

@@ -14,14 +14,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
-from dataclasses import dataclass
 from typing import Any
 
-from daemon.sim.errors import ApiError, bad_request
+from daemon.sim.errors import ApiError
 from daemon.sim.model import Actor, Machine, Platform, Release
+from daemon.sim.specs import DeploySpec
 
 DEPLOYER = Actor(owner="deploy@tokens.fly.io", source="deploy")
-STRATEGIES = ("rolling", "immediate", "canary")
 _CHECK_POLL = 0.05
 
 
@@ -29,48 +28,12 @@ class DeployFailedError(Exception):
     pass
 
 
-@dataclass(frozen=True)
-class DeployRequest:
-    image: str
-    strategy: str = "rolling"
-    max_parallel: int = 1
-    wait_timeout: float = 120.0  # per machine, for started and for passing checks
-    wait_checks: bool = True
-    lease_ttl: int = 13  # flyctl's DefaultLeaseTtl
-
-    @classmethod
-    def parse(cls, body: dict[str, Any]) -> DeployRequest:
-        known = {"image", "strategy", "max_parallel", "wait_timeout", "wait_checks", "lease_ttl"}
-        unknown = set(body) - known
-        if unknown:
-            raise bad_request(f"unknown deploy field(s) {sorted(unknown)}; expected {sorted(known)}")
-        image = body.get("image")
-        if not isinstance(image, str) or not image:
-            raise bad_request("image is required")
-        try:
-            request = cls(
-                image=image,
-                strategy=str(body.get("strategy", "rolling")),
-                max_parallel=int(body.get("max_parallel", 1)),
-                wait_timeout=float(body.get("wait_timeout", 120.0)),
-                wait_checks=bool(body.get("wait_checks", True)),
-                lease_ttl=int(body.get("lease_ttl", 13)),
-            )
-        except (TypeError, ValueError) as exc:
-            raise bad_request(f"bad deploy request: {exc}") from None
-        if request.strategy not in STRATEGIES:
-            raise bad_request(f"strategy must be one of {list(STRATEGIES)}, got {request.strategy!r}")
-        if request.max_parallel < 1 or request.lease_ttl < 1 or request.wait_timeout <= 0:
-            raise bad_request("max_parallel, lease_ttl and wait_timeout must be positive")
-        return request
-
-
 class Deployer:
     def __init__(self, platform: Platform) -> None:
         self.platform = platform
         self._tasks: set[asyncio.Task[None]] = set()
 
-    def deploy(self, app_name: str, request: DeployRequest) -> Release:
+    def deploy(self, app_name: str, request: DeploySpec) -> Release:
         app = self.platform.app(app_name)
         if any(release.status == "running" for release in app.releases):
             raise ApiError(409, f"a release of {app_name} is already running")
@@ -107,7 +70,7 @@ class Deployer:
         ]
         return max(versions, default=0)
 
-    async def _run(self, app_name: str, release: Release, request: DeployRequest) -> None:
+    async def _run(self, app_name: str, release: Release, request: DeploySpec) -> None:
         try:
             targets = sorted(
                 (
@@ -154,9 +117,7 @@ class Deployer:
         release.machines.append(machine.id)
         return was_running
 
-    async def _roll_one(
-        self, app_name: str, machine: Machine, release: Release, request: DeployRequest
-    ) -> None:
+    async def _roll_one(self, app_name: str, machine: Machine, release: Release, request: DeploySpec) -> None:
         try:
             lease = self.platform.acquire_lease(
                 app_name, machine.id, request.lease_ttl, "fly deploy", None, DEPLOYER
@@ -164,14 +125,26 @@ class Deployer:
         except ApiError as exc:
             raise DeployFailedError(f"machine {machine.id}: {exc.message}") from None
         nonce = lease["data"]["nonce"]
+        # flyctl refreshes its leases every (ttl - 1) / 3 seconds while it works on the machine
+        refresher = asyncio.ensure_future(self._keep_lease(app_name, machine, nonce, request.lease_ttl))
         try:
             if self._update(app_name, machine, release, nonce):
                 await self._await_healthy(machine, request)
         finally:
+            refresher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await refresher
             with contextlib.suppress(ApiError):
                 self.platform.release_lease(app_name, machine.id, nonce, DEPLOYER)
 
-    async def _await_healthy(self, machine: Machine, request: DeployRequest) -> None:
+    async def _keep_lease(self, app_name: str, machine: Machine, nonce: str, ttl: int) -> None:
+        period = max((ttl - 1) / 3.0, 0.5)
+        while True:
+            await self.platform.clock.sleep(period)
+            with contextlib.suppress(ApiError):
+                self.platform.acquire_lease(app_name, machine.id, ttl, "fly deploy", nonce, DEPLOYER)
+
+    async def _await_healthy(self, machine: Machine, request: DeploySpec) -> None:
         clock = self.platform.clock
         deadline = clock.now() + request.wait_timeout
         version = machine.instance_id
@@ -193,7 +166,7 @@ class Deployer:
                 )
             await clock.sleep(_CHECK_POLL)
 
-    async def _canary(self, app_name: str, release: Release, request: DeployRequest, model: Machine) -> None:
+    async def _canary(self, app_name: str, release: Release, request: DeploySpec, model: Machine) -> None:
         config = self._config_for(model, release)
         config["metadata"]["fly_canary"] = "true"
         config.pop("mounts", None)

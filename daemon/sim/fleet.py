@@ -57,7 +57,8 @@ class Fleet:
         self.platform = platform
         self._app = web.Application()
         self._app.router.add_route("*", "/{tail:.*}", self._handle)
-        self._runner = web.AppRunner(self._app, access_log=None, handle_signals=False)
+        # a connection held by a blackholed machine must not hold up shutdown
+        self._runner = web.AppRunner(self._app, access_log=None, handle_signals=False, shutdown_timeout=0.5)
         self._sites: dict[str, web.TCPSite] = {}
         self._by_ip: dict[str, Machine] = {}
         self._locks: dict[str, asyncio.Lock] = {}

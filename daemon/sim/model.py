@@ -241,6 +241,8 @@ class Platform:
         self.images: dict[str, ImageBehaviour] = {}
         self.outages: list[Outage] = []
         self.capacity_errors: set[str] = set()  # regions where create fails for lack of capacity
+        # (app or None for any, count): the next updates that the platform silently reverts after they settle
+        self.revert_updates: list[tuple[str | None, int]] = []
         self.mutations: list[Json] = []
         self.listeners: list[Callable[[Machine, str], None]] = []  # called with (machine, old_state)
         self._waiters: dict[str, list[tuple[Callable[[Machine], bool], asyncio.Future[None]]]] = {}
@@ -393,6 +395,7 @@ class Platform:
             "region": machine.region,
             "instance_id": machine.instance_id,
             "private_ip": machine.private_ip,
+            "cordoned": machine.cordoned,
             "image_ref": image_ref(machine.image),
             "created_at": iso(machine.created_at),
             "updated_at": iso(machine.updated_at),
@@ -447,6 +450,9 @@ class Platform:
         machine.updated_at = self.clock.now()
         if state == "started":
             machine.started_at = self.clock.now()
+            # a new process: its counters start from zero, as a real app's do after a restart
+            machine.traffic = Traffic()
+            machine.health_errors, machine.health_overload = Diffuser(), Diffuser()
         elif state == "destroyed":
             machine.destroyed_at = self.clock.now()
         self.integrate_traffic(app)
@@ -803,7 +809,12 @@ class Platform:
             )
             result_nonce = machine.lease.nonce
 
+        previous_config = copy.deepcopy(machine.versions[-2][1])
+
         def settle() -> None:
+            if self._take_revert(machine.app):
+                # Fly can silently revert an update: the machine reports the new version, runs the old config
+                machine.config = copy.deepcopy(previous_config)
             if launch:
                 self._boot(machine, "update")
             else:
@@ -816,6 +827,16 @@ class Platform:
         if result_nonce:
             result["nonce"] = result_nonce
         return result
+
+    def _take_revert(self, app_name: str) -> bool:
+        for index, (app, count) in enumerate(self.revert_updates):
+            if app in (None, app_name):
+                if count > 1:
+                    self.revert_updates[index] = (app, count - 1)
+                else:
+                    del self.revert_updates[index]
+                return True
+        return False
 
     def start_machine(self, app_name: str, machine_id: str, nonce: str | None, actor: Actor) -> Json:
         machine = self._mutable(app_name, machine_id)

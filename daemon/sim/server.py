@@ -45,7 +45,9 @@ class SimServer:
         self.counters = Counters()
         self.observers: list[Callable[[Exchange], None]] = []
         self.api = MachinesApi(self.platform, self.faults, self.counters, self.observers)
-        self.control = Control(self.platform, self.fleet, self.deployer, self.faults, self.counters)
+        self.control = Control(
+            self.platform, self.fleet, self.deployer, self.faults, self.counters, self.api.endpoints()
+        )
         self._web = web.Application(middlewares=[self.api.middleware, self.control.middleware])
         self._web.add_routes(self.api.routes())
         self._web.add_routes(self.control.routes())

@@ -11,6 +11,7 @@ import pytest
 from daemon.clock import ManualClock
 from daemon.sim.model import SimSettings
 from daemon.sim.server import SimServer
+from daemon.sim.specs import ApiFaultSpec
 from tests.conftest import AUTH, eventually
 from tests.sim.helpers import machine_ids, make_app
 
@@ -162,7 +163,7 @@ async def test_timeout_never_answers_and_the_simulator_still_stops() -> None:
     try:
         server.control.build_app({"name": "shop", "regions": {"iad": 1}})
         await server.settle()
-        server.faults.add({"endpoint": "Machines_list", "timeout": True})
+        server.faults.add(ApiFaultSpec(endpoint="Machines_list", timeout=True))
         async with httpx.AsyncClient(base_url=server.api_url, headers=AUTH, timeout=0.3) as client:
             with pytest.raises(httpx.ReadTimeout):
                 await client.get("/apps/shop/machines")
@@ -219,6 +220,8 @@ async def test_faults_are_listed_and_removed(api: httpx.AsyncClient, control: ht
         "latency": 0.0,
         "timeout": False,
         "body": None,
+        "retry_after": None,
+        "after": False,
         "hits": 0,
     }
     assert listed[2] == {"kind": "capacity", "region": "cdg"}
@@ -308,4 +311,74 @@ async def test_capacity_fault_needs_a_region(control: httpx.AsyncClient) -> None
     unknown = await control.post("/faults", json={"kind": "earthquake", "region": "iad"})
     assert unknown.status_code == 400
     assert "earthquake" in unknown.json()["error"]
+    assert (await control.get("/faults")).json() == []
+
+
+async def test_retry_after_is_sent_when_asked(api: httpx.AsyncClient, control: httpx.AsyncClient) -> None:
+    """A fault with retry_after answers with a Retry-After header in seconds."""
+    await make_app(control)
+    await add_fault(control, endpoint="Machines_list", status=429, retry_after=2, count=1)
+    limited = await api.get("/apps/shop/machines")
+    assert limited.status_code == 429
+    assert limited.headers["Retry-After"] == "2"
+    assert "Retry-After" not in (await api.get("/apps/shop/machines")).headers
+
+
+async def test_after_carries_the_request_out_then_loses_the_answer(
+    api: httpx.AsyncClient, control: httpx.AsyncClient
+) -> None:
+    """With `after`, the create happens but the client gets the error: an ambiguous failure."""
+    await make_app(control, regions={"iad": 1})
+    await add_fault(control, endpoint="Machines_create", status=408, after=True, count=1)
+    failed = await api.post("/apps/shop/machines", json={"config": {"image": "x"}, "region": "iad"})
+    assert failed.status_code == 408
+    assert len(await machine_ids(api)) == 2  # it was created all the same
+
+
+async def test_revert_update_silently_restores_the_old_config(
+    api: httpx.AsyncClient, control: httpx.AsyncClient
+) -> None:
+    """A revert_update fault lets the update answer 200 with a new version, then runs the old image."""
+    await make_app(control, regions={"iad": 1})
+    machine_id = (await machine_ids(api))[0]
+    before = (await api.get(f"/apps/shop/machines/{machine_id}")).json()
+    await add_fault(control, kind="revert_update", app="shop")
+    config = before["config"] | {"image": "registry.fly.io/shop:v2"}
+    updated = await api.post(f"/apps/shop/machines/{machine_id}", json={"config": config})
+    assert updated.status_code == 200
+    assert updated.json()["config"]["image"] == "registry.fly.io/shop:v2"
+    waited = await api.get(
+        f"/apps/shop/machines/{machine_id}/wait",
+        params={"state": "started", "version": updated.json()["instance_id"], "timeout": 5},
+    )
+    assert waited.status_code == 200
+    after = (await api.get(f"/apps/shop/machines/{machine_id}")).json()
+    assert after["instance_id"] == updated.json()["instance_id"]
+    assert after["config"]["image"] == before["config"]["image"]
+    assert (await control.get("/faults")).json() == []  # spent
+    again = await api.post(f"/apps/shop/machines/{machine_id}", json={"config": config})
+    await api.get(
+        f"/apps/shop/machines/{machine_id}/wait",
+        params={"state": "started", "version": again.json()["instance_id"], "timeout": 5},
+    )
+    assert (await api.get(f"/apps/shop/machines/{machine_id}")).json()["config"]["image"] == config["image"]
+
+
+@pytest.mark.parametrize(
+    ("spec", "named"),
+    [
+        ({"endpoint": "Machines_list", "timeout": "false"}, "timeout"),
+        ({"endpoint": "Nope"}, "Nope"),
+        ({"endpoint": "Machines_list", "count": 1.5}, "count"),
+        ({"kind": "capacity", "region": "moon"}, "moon"),
+        ({"kind": "region_outage", "region": "moon"}, "moon"),
+        ({"kind": "revert_update", "count": 0}, "count"),
+        ({"endpoint": "Machines_list", "retry_after": -1}, "retry_after"),
+    ],
+)
+async def test_fault_specs_are_strict(control: httpx.AsyncClient, spec: dict[str, Any], named: str) -> None:
+    """Wrong types, unknown endpoints and unknown regions are a 400 naming them, never coerced."""
+    response = await control.post("/faults", json=spec)
+    assert response.status_code == 400, response.text
+    assert named in response.json()["error"]
     assert (await control.get("/faults")).json() == []

@@ -528,7 +528,7 @@ async def test_update_counts_the_time_before_it_under_the_old_image(
     fleet_client: httpx.AsyncClient,
     clock: ManualClock,
 ) -> None:
-    """Requests served before an update to an erroring image count as the old image's, not the new one's."""
+    """Traffic before an update is not counted as the new image's: the new process starts from zero."""
     await make_app(manual_control, base_latency=0.01, regions={"iad": 1})
     machine = (await machines(manual_control))[0]
     await mark_image(manual_control, "registry.fly.io/shop:flaky", mode="errors", error_rate=0.2)
@@ -541,9 +541,32 @@ async def test_update_counts_the_time_before_it_under_the_old_image(
     await clock.advance(2)  # replacing, then starting: back to started on the new image
     assert (await machines(manual_control))[0]["state"] == "started"
     samples = await scrape(fleet_client, machine)
-    assert requests_total(samples, "200") == pytest.approx(100.0)
+    assert requests_total(samples, "200") == 0.0  # a new process: its counters restart, as a real app's do
     assert requests_total(samples, "500") == 0.0
     await clock.advance(10)  # 100 requests served by the erroring image
     samples = await scrape(fleet_client, machine)
     assert requests_total(samples, "500") == pytest.approx(20.0)
-    assert requests_total(samples, "200") == pytest.approx(180.0)
+    assert requests_total(samples, "200") == pytest.approx(80.0)
+
+
+async def test_counters_restart_with_the_process(
+    manual_control: httpx.AsyncClient,
+    manual_api: httpx.AsyncClient,
+    fleet_client: httpx.AsyncClient,
+    clock: ManualClock,
+) -> None:
+    """A machine that is stopped and started again is a new process: its /metrics counters restart at zero."""
+    await make_app(manual_control, base_latency=0.01, regions={"iad": 1}, load={"iad": 10})
+    machine = (await machines(manual_control))[0]
+    await clock.advance(5)
+    assert requests_total(await scrape(fleet_client, machine), "200") == pytest.approx(50.0)
+    path = f"/apps/shop/machines/{machine['id']}"
+    instance = (await manual_api.get(path)).json()["instance_id"]
+    await manual_api.post(path + "/stop")
+    await clock.advance(2)
+    await manual_api.get(path + "/wait", params={"state": "stopped", "instance_id": instance, "timeout": 5})
+    await manual_api.post(path + "/start")
+    await clock.advance(1)  # starting lasts 1 s in manual_sim: started from here on
+    assert (await machines(manual_control))[0]["state"] == "started"
+    await clock.advance(2)
+    assert requests_total(await scrape(fleet_client, machine), "200") == pytest.approx(20.0)

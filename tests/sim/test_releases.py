@@ -411,14 +411,14 @@ async def test_second_deploy_while_one_runs_is_409(control: httpx.AsyncClient) -
 @pytest.mark.parametrize(
     ("body", "message"),
     [
-        ({}, "image is required"),
-        ({"image": ""}, "image is required"),
-        ({"image": 5}, "image is required"),
-        ({"image": NEW, "colour": "blue"}, "unknown deploy field"),
-        ({"image": NEW, "strategy": "bluegreen"}, "strategy must be one of"),
-        ({"image": NEW, "max_parallel": 0}, "must be positive"),
-        ({"image": NEW, "wait_timeout": -1}, "must be positive"),
-        ({"image": NEW, "lease_ttl": 0}, "must be positive"),
+        ({}, "image: Field required"),
+        ({"image": ""}, "image: String should have at least 1 character"),
+        ({"image": 5}, "image: Input should be a valid string"),
+        ({"image": NEW, "colour": "blue"}, "colour: Extra inputs are not permitted"),
+        ({"image": NEW, "strategy": "bluegreen"}, "strategy: Input should be"),
+        ({"image": NEW, "max_parallel": 0}, "max_parallel: Input should be greater than or equal to 1"),
+        ({"image": NEW, "wait_timeout": -1}, "wait_timeout: Input should be greater than 0"),
+        ({"image": NEW, "lease_ttl": 0}, "lease_ttl: Input should be greater than or equal to 1"),
         ({"image": NEW, "max_parallel": "many"}, "bad deploy request"),
     ],
 )
@@ -442,3 +442,20 @@ async def test_deploy_needs_a_json_object_and_a_known_app(control: httpx.AsyncCl
     assert (await control.post("/apps/shop/deploy")).status_code == 400
     assert (await control.post("/apps/ghost/deploy", json={"image": NEW})).status_code == 404
     assert (await control.get("/apps/ghost/releases")).status_code == 404
+
+
+async def test_deploy_refreshes_its_leases_while_it_waits(
+    manual_control: httpx.AsyncClient, manual_api: httpx.AsyncClient, clock: ManualClock
+) -> None:
+    """A machine that takes longer than the lease ttl to come up stays leased by the deploy all along."""
+    await make_app(manual_control, regions={"iad": 1})
+    machine_id = (await machine_ids(manual_api))[0]
+    await manual_control.post("/images", json={"image": NEW, "mode": "unhealthy"})
+    await deploy(manual_control, lease_ttl=4, wait_timeout=20)
+    for _ in range(12):  # 12 s: three times the ttl, checks failing, the deploy still waiting
+        await clock.advance(1.0)
+        lease = (await manual_api.get(f"/apps/shop/machines/{machine_id}/lease")).json()
+        assert lease["data"]["owner"] == DEPLOYER
+    release = await run_out(manual_control, clock, step=1.0)
+    assert release["status"] == "failed"
+    assert (await manual_api.get(f"/apps/shop/machines/{machine_id}/lease")).status_code == 404
