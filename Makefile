@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: sim test lint unit
+.PHONY: sim test lint unit bench
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -26,3 +26,6 @@ unit: $(STAMP)
 	$(VENV)/bin/pytest
 
 test: lint unit
+
+bench: $(STAMP)
+	$(PY) -m bench.run

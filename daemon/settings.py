@@ -1,0 +1,28 @@
+"""Settings from the environment (FLYWATCH_*, FLY_API_TOKEN) and an optional .env file.
+
+The token is a SecretStr: its repr is masked, so printing or logging the settings never shows it.
+"""
+
+from __future__ import annotations
+
+import os
+
+from pydantic import AliasChoices, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from daemon.fly.client import DEFAULT_BASE_URL, INTERNAL_BASE_URL
+
+
+def _default_api_url() -> str:
+    """Inside a Fly machine (FLY_ALLOC_ID is set) the API is reached privately at _api.internal."""
+    return INTERNAL_BASE_URL if os.environ.get("FLY_ALLOC_ID") else DEFAULT_BASE_URL
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FLYWATCH_", env_file=".env", extra="ignore")
+
+    fly_api_token: SecretStr | None = Field(
+        default=None, validation_alias=AliasChoices("FLY_API_TOKEN", "FLYWATCH_FLY_API_TOKEN")
+    )
+    machines_api_url: str = Field(default_factory=_default_api_url)
+    dry_run: bool = False
