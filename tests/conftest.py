@@ -7,6 +7,7 @@ that leaves a violation fails at teardown. A test that leaves an asyncio task be
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -34,10 +35,12 @@ def settings() -> SimSettings:
     return SimSettings(transition_delay=FAST, rate_limits=False)
 
 
-@pytest.fixture
-async def sim(settings: SimSettings, contract: ContractChecker) -> AsyncIterator[SimServer]:
-    """A simulator on the wall clock, on a free loopback port."""
-    server = SimServer(settings)
+@contextlib.asynccontextmanager
+async def running_sim(
+    settings: SimSettings, contract: ContractChecker, clock: ManualClock | None = None
+) -> AsyncIterator[SimServer]:
+    """A started simulator whose every exchange the contract checker sees; no violation may be left."""
+    server = SimServer(settings, clock)
     server.observers.append(contract)
     await server.start()
     try:
@@ -45,6 +48,13 @@ async def sim(settings: SimSettings, contract: ContractChecker) -> AsyncIterator
     finally:
         await server.stop()
     assert not contract.violations, "contract violations:\n" + "\n".join(contract.violations)
+
+
+@pytest.fixture
+async def sim(settings: SimSettings, contract: ContractChecker) -> AsyncIterator[SimServer]:
+    """A simulator on the wall clock, on a free loopback port."""
+    async with running_sim(settings, contract) as server:
+        yield server
 
 
 @pytest.fixture
@@ -55,14 +65,8 @@ def clock() -> ManualClock:
 @pytest.fixture
 async def manual_sim(clock: ManualClock, contract: ContractChecker) -> AsyncIterator[SimServer]:
     """A simulator whose time moves only when the test advances `clock`."""
-    server = SimServer(SimSettings(transition_delay=1.0, rate_limits=True), clock)
-    server.observers.append(contract)
-    await server.start()
-    try:
+    async with running_sim(SimSettings(transition_delay=1.0, rate_limits=True), contract, clock) as server:
         yield server
-    finally:
-        await server.stop()
-    assert not contract.violations, "contract violations:\n" + "\n".join(contract.violations)
 
 
 def _client_for(server: SimServer) -> httpx.AsyncClient:
