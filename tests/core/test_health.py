@@ -1,0 +1,179 @@
+"""Health verdicts (core/health.py): probes, hysteresis, machines, regions, and doubt of our own view."""
+
+from __future__ import annotations
+
+import pytest
+
+from daemon.core.health import (
+    Hysteresis,
+    MachineHealth,
+    MachineSignals,
+    MachineVerdict,
+    ProbeConditions,
+    ProbeOutcome,
+    RegionState,
+    Verdict,
+    judge,
+    machine_verdict,
+    region_health,
+    step,
+    with_doubt,
+)
+
+RULES = Hysteresis(unhealthy_after=2, healthy_after=2, stale_after=30.0)
+
+
+def ok(at: float = 0.0) -> ProbeOutcome:
+    return ProbeOutcome(at=at, latency=0.05, status=200, body='{"status": "ok", "deps": {"db": "up"}}')
+
+
+@pytest.mark.parametrize(
+    ("outcome", "conditions", "passed", "reason"),
+    [
+        (ok(), ProbeConditions(), True, "status 200 in 50 ms"),
+        (ProbeOutcome(0, 0.01, 503), ProbeConditions(), False, "status 503, expected 200"),
+        (
+            ProbeOutcome(0, 0.01, 204),
+            ProbeConditions(expect_status=frozenset({200, 204})),
+            True,
+            "status 204",
+        ),
+        (ProbeOutcome(0, 2.0, 200), ProbeConditions(max_latency=1.0), False, "latency 2000 ms over 1000 ms"),
+        (ok(), ProbeConditions(body_contains="ok"), True, "status 200"),
+        (ok(), ProbeConditions(body_contains="ready"), False, "does not contain 'ready'"),
+        (ok(), ProbeConditions(json_field=("deps.db", "up")), True, "status 200"),
+        (ok(), ProbeConditions(json_field=("deps.db", "down")), False, "deps.db is 'up', expected 'down'"),
+        (ok(), ProbeConditions(json_field=("deps.cache", "up")), False, "deps.cache missing"),
+        (ProbeOutcome(0, 0.0, 200, "not json"), ProbeConditions(json_field=("a", 1)), False, "a missing"),
+        (ProbeOutcome(0, 2.0, None, error="timeout"), ProbeConditions(), False, "no answer: timeout"),
+    ],
+)
+def test_judge(outcome: ProbeOutcome, conditions: ProbeConditions, passed: bool, reason: str) -> None:
+    """A probe passes only when answered and every condition holds; the reason says which did not."""
+    result = judge(outcome, conditions)
+    assert result.ok is passed
+    assert reason in result.reason
+
+
+def test_probe_labels() -> None:
+    """Results are labelled ok, failed (a wrong answer) or error (no answer) for the metrics."""
+    assert judge(ok(), ProbeConditions()).label == "ok"
+    assert judge(ProbeOutcome(0, 0, 500), ProbeConditions()).label == "failed"
+    assert judge(ProbeOutcome(0, 0, None, error="refused"), ProbeConditions()).label == "error"
+
+
+def run(sequence: str, start: MachineHealth | None = None) -> list[Verdict]:
+    """Feed probes ('+' pass, '-' fail) and return the verdict after each."""
+    state = start or MachineHealth()
+    verdicts = []
+    for index, symbol in enumerate(sequence):
+        outcome = ok(index) if symbol == "+" else ProbeOutcome(index, 0.01, 500)
+        state = step(state, judge(outcome, ProbeConditions()), RULES)
+        verdicts.append(state.verdict)
+    return verdicts
+
+
+H, U, X = Verdict.HEALTHY, Verdict.UNHEALTHY, Verdict.UNKNOWN
+
+
+@pytest.mark.parametrize(
+    ("sequence", "expected"),
+    [
+        ("++", [X, H]),
+        ("--", [X, U]),
+        ("++-+-+-+", [X, H, H, H, H, H, H, H]),  # flapping single failures never turn it unhealthy
+        ("++--+-++", [X, H, H, U, U, U, U, H]),  # and a single success never turns it healthy
+        ("---++", [X, U, U, U, H]),
+    ],
+)
+def test_hysteresis(sequence: str, expected: list[Verdict]) -> None:
+    """unhealthy_after failures in a row turn a machine unhealthy, healthy_after successes turn it back."""
+    assert run(sequence) == expected
+
+
+def signals(
+    verdict_seq: str = "++", *, host_ok: bool = True, fly: bool | None = None, last_at: float = 10
+) -> MachineSignals:
+    state = MachineHealth()
+    for symbol in verdict_seq:
+        outcome = ok(last_at) if symbol == "+" else ProbeOutcome(last_at, 0.01, None, error="timeout")
+        state = step(state, judge(outcome, ProbeConditions()), RULES)
+    return MachineSignals("m1", "iad", state, host_ok=host_ok, fly_checks=fly)
+
+
+@pytest.mark.parametrize(
+    ("sig", "now", "verdict", "reason"),
+    [
+        (signals("++"), 20.0, H, "status 200"),
+        (signals("--"), 20.0, U, "2 failed probe(s) in a row: no answer"),
+        (signals("++", host_ok=False), 20.0, U, "host unreachable"),
+        (signals("++", fly=False), 20.0, U, "Fly check is critical"),
+        (signals("++"), 100.0, X, "last probe 90s ago"),  # stale
+        (signals(""), 20.0, X, "no probe yet"),
+        (signals("", fly=True), 20.0, H, "Fly checks passing"),
+    ],
+)
+def test_machine_verdict(sig: MachineSignals, now: float, verdict: Verdict, reason: str) -> None:
+    """Host status and Fly checks combine with the probes; a stale probe history is unknown."""
+    result = machine_verdict(sig, now, RULES)
+    assert result.verdict is verdict
+    assert reason in result.reason
+
+
+def mv(
+    verdict: Verdict, *, no_answer: bool = False, unreachable: bool = False, mid: str = "m"
+) -> MachineVerdict:
+    return MachineVerdict(mid, "iad", verdict, "because", no_answer, unreachable)
+
+
+@pytest.mark.parametrize(
+    ("machines", "state"),
+    [
+        ([mv(H), mv(H)], RegionState.HEALTHY),
+        ([mv(H), mv(U)], RegionState.DEGRADED),
+        ([mv(U), mv(U)], RegionState.DOWN),
+        ([mv(U, unreachable=True), mv(U, unreachable=True)], RegionState.DOWN),
+        ([mv(X), mv(X)], RegionState.UNKNOWN),
+        ([mv(X), mv(U)], RegionState.DOWN),
+        ([mv(H), mv(X)], RegionState.HEALTHY),
+        ([], RegionState.UNKNOWN),
+    ],
+)
+def test_region_health(machines: list[MachineVerdict], state: RegionState) -> None:
+    """Down with no healthy machine, degraded with some failing, unknown with nothing to judge."""
+    assert region_health("iad", machines).state is state
+
+
+def test_region_unreachable_says_so() -> None:
+    """A region whose hosts are all unreachable is down, and the reason says unreachable."""
+    health = region_health("cdg", [mv(U, unreachable=True, no_answer=True)])
+    assert health.state is RegionState.DOWN
+    assert "unreachable" in health.reason
+
+
+def test_every_region_silent_means_doubt_not_down() -> None:
+    """When every region of every app fails with no answer, all become unknown, saying why."""
+    silent = {
+        "shop": {r: region_health(r, [mv(U, no_answer=True)]) for r in ("iad", "cdg")},
+        "api": {"nrt": region_health("nrt", [mv(U, no_answer=True)])},
+    }
+    judged = with_doubt(silent)
+    assert {h.state for per_app in judged.values() for h in per_app.values()} == {RegionState.UNKNOWN}
+    assert "connectivity is in doubt" in judged["shop"]["iad"].reason
+
+
+def test_one_region_down_is_believed() -> None:
+    """One silent region among answering ones is a real outage: it stays down."""
+    regions = {
+        "shop": {
+            "iad": region_health("iad", [mv(H)]),
+            "cdg": region_health("cdg", [mv(U, no_answer=True)]),
+        }
+    }
+    assert with_doubt(regions)["shop"]["cdg"].state is RegionState.DOWN
+
+
+def test_wrong_answers_everywhere_are_believed() -> None:
+    """Every region answering 500 is a real (bad release) failure, not a connectivity doubt."""
+    regions = {"shop": {r: region_health(r, [mv(U, no_answer=False)]) for r in ("iad", "cdg")}}
+    assert {h.state for h in with_doubt(regions)["shop"].values()} == {RegionState.DOWN}
