@@ -67,7 +67,7 @@ def by_region(per_machine: Mapping[str, float], regions: Mapping[str, str], how:
             grouped.setdefault(region, []).append(value)
     result = {}
     for region, values in grouped.items():
-        value = aggregate(values, how)
-        if value is not None:
-            result[region] = value
+        combined = aggregate(values, how)
+        if combined is not None:
+            result[region] = combined
     return result
