@@ -28,6 +28,7 @@ import httpx
 from daemon.clock import Clock
 from daemon.core.ratelimit import TokenBuckets
 from daemon.fly import errors
+from daemon.fly.auth import authorization
 from daemon.fly.models import App, Lease, Machine, MachineConfig, MachineEvent, MachineVersion, WaitResult
 from daemon.telemetry.metrics import ApiMetrics
 
@@ -56,11 +57,6 @@ class RetryPolicy:
 
 
 NO_BACKOFF = RetryPolicy(base=0.0, cap=0.0, jitter=0.0)  # for tests: same retries, no waiting
-
-
-def _auth_header(token: str) -> str:
-    token = token.strip()
-    return token if token.startswith("FlyV1 ") else f"Bearer {token}"
 
 
 def _retry_after(response: httpx.Response | None) -> float | None:
@@ -121,7 +117,7 @@ class MachinesClient:
         self._timeout = timeout
         self._http = httpx.AsyncClient(
             base_url=base,
-            headers={"Authorization": _auth_header(token), "User-Agent": "flywatch"},
+            headers={"Authorization": authorization(token), "User-Agent": "flywatch"},
             timeout=timeout,
             transport=transport,
         )

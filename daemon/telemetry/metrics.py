@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 API_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
@@ -28,5 +28,57 @@ class ApiMetrics:
             "flywatch_api_retries",
             "Machines API requests retried, by endpoint and reason (429, 5xx, timeout, connection).",
             ["endpoint", "reason"],
+            registry=registry,
+        )
+
+
+PROBE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class HealthMetrics:
+    """What the health watch exports: probes, their latency, and the verdicts per machine and region."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.probe_duration = Histogram(
+            "flywatch_probe_duration_seconds",
+            "Time to answer a health probe (or to give up on it).",
+            ["app", "region"],
+            buckets=PROBE_BUCKETS,
+            registry=registry,
+        )
+        self.probes = Counter(
+            "flywatch_probes",
+            "Health probes by result: ok, failed (a wrong answer) or error (no answer).",
+            ["app", "region", "result"],
+            registry=registry,
+        )
+        self.machine_healthy = Gauge(
+            "flywatch_machine_healthy",
+            "1 when the machine is healthy, 0 when unhealthy; absent while unknown.",
+            ["app", "region", "machine"],
+            registry=registry,
+        )
+        self.region_health = Gauge(
+            "flywatch_region_health",
+            "1 for the region's current health state (healthy, degraded, down, unknown), 0 for the others.",
+            ["app", "region", "state"],
+            registry=registry,
+        )
+
+
+class SourceMetrics:
+    """What the metric sources export: the values they read, and their errors."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.value = Gauge(
+            "flywatch_metric_value",
+            "The latest value of a policy metric per app and region (absent when missing or stale).",
+            ["app", "region", "metric"],
+            registry=registry,
+        )
+        self.errors = Counter(
+            "flywatch_metric_errors",
+            "Failed metric reads, by source (promql, scrape, machines).",
+            ["app", "source"],
             registry=registry,
         )

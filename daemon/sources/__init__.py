@@ -1,0 +1,1 @@
+"""Observation: health probes, PromQL queries and /metrics scrapes. Reads only; never changes a machine."""
