@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: sim test lint unit bench
+.PHONY: sim test lint unit bench system-deps
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -17,15 +17,18 @@ sim: $(STAMP)
 	$(VENV)/bin/flywatch sim
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check daemon tests
-	$(VENV)/bin/ruff format --check daemon tests
+	$(VENV)/bin/ruff check daemon tests bench
+	$(VENV)/bin/ruff format --check daemon tests bench
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
 
-unit: $(STAMP)
+system-deps:
+	bash scripts/system-deps.sh
+
+unit: $(STAMP) system-deps
 	$(VENV)/bin/pytest
 
 test: lint unit
 
-bench: $(STAMP)
+bench: $(STAMP) system-deps
 	$(PY) -m bench.run

@@ -1,0 +1,196 @@
+"""Metric sources over real HTTP: the machines' /metrics pages, and PromQL against a real Prometheus
+scraping the simulator's fleet. Missing data is never zero."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from daemon.clock import ManualClock, SystemClock
+from daemon.core.samples import Aggregate
+from daemon.fly.client import NO_BACKOFF, MachinesClient
+from daemon.sim.server import SimServer
+from daemon.sources.prometheus import MetricSourceError, PromQL
+from daemon.sources.scrape import Scraper, ScrapeSpec, extract
+from tests.conftest import eventually
+from tests.sim.helpers import make_app
+from tests.support.prometheus import PrometheusServer, free_port, running_prometheus
+
+INFLIGHT = ScrapeSpec(name="app_inflight_requests", aggregate=Aggregate.SUM, timeout=1.0)
+
+
+@pytest.fixture
+async def fly(sim: SimServer) -> AsyncIterator[MachinesClient]:
+    client = MachinesClient(sim.api_url, "sim-token", clock=SystemClock(), retry=NO_BACKOFF)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+async def manual_fly(manual_sim: SimServer, clock: ManualClock) -> AsyncIterator[MachinesClient]:
+    client = MachinesClient(manual_sim.api_url, "sim-token", clock=clock, retry=NO_BACKOFF, rate_limit=False)
+    yield client
+    await client.aclose()
+
+
+def test_extract_sums_matching_samples_and_knows_counters() -> None:
+    """Matching samples (name and labels) are summed; a counter family is flagged; none found is None."""
+    page = (
+        '# TYPE req_total counter\nreq_total{status="200"} 5\nreq_total{status="503"} 2\n'
+        "# TYPE g gauge\ng 1.5\n"
+    )
+    assert extract(page, ScrapeSpec(name="req_total")) == (7.0, True)
+    assert extract(page, ScrapeSpec(name="req_total", labels={"status": "503"})) == (2.0, True)
+    assert extract(page, ScrapeSpec(name="g")) == (1.5, False)
+    assert extract(page, ScrapeSpec(name="nope")) is None
+
+
+async def test_scrape_gauge_per_region(control: httpx.AsyncClient, fly: MachinesClient) -> None:
+    """A gauge is summed (or averaged) over each region's machines, and follows the load."""
+    await make_app(control, base_latency=0.01, load={"iad": 20, "cdg": 5})
+    scraper = Scraper(SystemClock())
+    try:
+        machines = await fly.list_machines("shop")
+        result = await scraper.scrape("shop", machines, INFLIGHT)
+        assert set(result.regions) == {"iad", "cdg"}
+        assert result.regions["iad"].value > result.regions["cdg"].value > 0
+        assert not result.errors
+        avg = await scraper.scrape(
+            "shop", machines, ScrapeSpec(name="app_inflight_requests", aggregate=Aggregate.AVG)
+        )
+        assert avg.regions["iad"].value == pytest.approx(result.regions["iad"].value / 2)
+    finally:
+        await scraper.aclose()
+
+
+async def test_scrape_counter_becomes_a_rate(
+    manual_control: httpx.AsyncClient, manual_fly: MachinesClient, clock: ManualClock
+) -> None:
+    """A counter is a per-second rate between two scrapes: nothing on the first, then the offered load."""
+    await make_app(manual_control, base_latency=0.01, regions={"iad": 2}, load={"iad": 30})
+    spec = ScrapeSpec(name="app_http_requests_total", labels={"status": "200"})
+    scraper = Scraper(clock)
+    try:
+        machines = await manual_fly.list_machines("shop")
+        first = await scraper.scrape("shop", machines, spec)
+        assert first.counter
+        assert first.regions == {}  # one scrape gives no rate: missing, not zero
+        await clock.advance(10)
+        second = await scraper.scrape("shop", machines, spec)
+        assert second.regions["iad"].value == pytest.approx(30.0)
+        assert second.machines == pytest.approx({m.id: 15.0 for m in machines})
+    finally:
+        await scraper.aclose()
+
+
+async def test_scrape_leaves_unreadable_machines_and_regions_out(
+    control: httpx.AsyncClient, fly: MachinesClient
+) -> None:
+    """A machine that does not answer is reported and left out; its region, with nothing read, is missing."""
+    await make_app(control, base_latency=0.01, load={"iad": 10, "cdg": 10})
+    machines = await fly.list_machines("shop")
+    await control.post("/faults", json={"kind": "region_outage", "region": "cdg", "mode": "refuse"})
+    scraper = Scraper(SystemClock())
+    try:
+        result = await scraper.scrape("shop", machines, INFLIGHT)  # the list from before the outage
+        assert "cdg" not in result.regions
+        assert "iad" in result.regions
+        cdg = [m.id for m in machines if m.region == "cdg"]
+        assert set(result.errors) == set(cdg)
+        assert "cannot connect" in result.errors[cdg[0]]
+        wrong = await scraper.scrape("shop", machines, ScrapeSpec(name="no_such_metric", timeout=0.5))
+        assert wrong.regions == {}
+        assert all("no sample named" in e for m, e in wrong.errors.items() if m not in cdg)
+    finally:
+        await scraper.aclose()
+
+
+@pytest.fixture
+async def prometheus(sim: SimServer, tmp_path: Path) -> AsyncIterator[PrometheusServer]:
+    async with running_prometheus(tmp_path) as server:
+        yield server
+
+
+async def test_promql_per_region_grouped_and_placeholder(
+    control: httpx.AsyncClient, sim: SimServer, prometheus: PrometheusServer
+) -> None:
+    """A query grouped by region and a {region} placeholder query give the same per-region values."""
+    await make_app(
+        control, base_latency=0.01, load={"iad": 20, "cdg": 5}, regions={"iad": 2, "cdg": 1, "nrt": 1}
+    )
+    await prometheus.wait_for_targets(prometheus.retarget(sim))
+    promql = PromQL(prometheus.url, SystemClock())
+    try:
+        grouped = await promql.per_region(
+            'sum by (region) (app_inflight_requests{app="shop"})', ["iad", "cdg", "nrt"]
+        )
+        placeholder = await promql.per_region(
+            'sum(app_inflight_requests{region="{region}"})', ["iad", "cdg", "nrt"]
+        )
+        assert set(grouped) == set(placeholder) == {"iad", "cdg", "nrt"}
+        assert grouped["iad"].value > grouped["cdg"].value > 0
+        assert grouped["nrt"].value == 0.0  # a real zero: nrt has a machine and no load
+        for region in grouped:
+            assert placeholder[region].value == pytest.approx(grouped[region].value)
+        missing = await promql.per_region('sum by (region) (app_inflight_requests{region="lhr"})', ["lhr"])
+        assert missing == {}  # empty result: missing, never zero
+    finally:
+        await promql.aclose()
+
+
+async def test_promql_errors_and_range(
+    control: httpx.AsyncClient, sim: SimServer, prometheus: PrometheusServer
+) -> None:
+    """A bad query, an ungrouped result and a dead Prometheus are errors; a range query returns points."""
+    await make_app(control, base_latency=0.01, load={"iad": 10}, regions={"iad": 1})
+    await prometheus.wait_for_targets(prometheus.retarget(sim))
+    promql = PromQL(prometheus.url, SystemClock())
+    dead = PromQL(f"http://127.0.0.1:{free_port()}", SystemClock(), timeout=1.0)
+    try:
+        with pytest.raises(MetricSourceError, match="refused the query"):
+            await promql.instant("sum(")
+        with pytest.raises(MetricSourceError, match="no 'region' label"):
+            await promql.per_region("sum(app_inflight_requests)", ["iad"])
+        with pytest.raises(MetricSourceError, match="cannot reach Prometheus"):
+            await dead.per_region("up", ["iad"])
+
+        async def points() -> int:
+            now = SystemClock().now()
+            series = await promql.range('app_inflight_requests{app="shop"}', now - 30, now, 1)
+            return len(series[0].points) if series else 0
+
+        assert await eventually(lambda: _at_least(points, 2), timeout=10.0)
+    finally:
+        await promql.aclose()
+        await dead.aclose()
+
+
+async def _at_least(probe, n: int) -> bool:  # type: ignore[no-untyped-def]
+    return bool(await probe() >= n)
+
+
+async def test_promql_sends_the_token(tmp_path: Path) -> None:
+    """The token goes in the Authorization header (FlyV1 as is) and never into an error message."""
+    seen: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request.headers.get("Authorization", ""))
+        return httpx.Response(401, json={"status": "error", "error": "unauthorized"})
+
+    promql = PromQL(
+        "https://api.fly.io/prometheus/acme",
+        SystemClock(),
+        token="FlyV1 fm2_secret",
+        transport=httpx.MockTransport(handler),
+    )
+    try:
+        with pytest.raises(MetricSourceError) as raised:
+            await promql.instant("up")
+        assert seen == ["FlyV1 fm2_secret"]
+        assert "fm2_secret" not in str(raised.value)
+        assert "fm2_secret" not in repr(promql)
+    finally:
+        await promql.aclose()
