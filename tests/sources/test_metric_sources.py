@@ -8,13 +8,16 @@ from pathlib import Path
 
 import httpx
 import pytest
+from prometheus_client import CollectorRegistry
 
 from daemon.clock import ManualClock, SystemClock
 from daemon.core.samples import Aggregate
 from daemon.fly.client import NO_BACKOFF, MachinesClient
 from daemon.sim.server import SimServer
+from daemon.sources.metrics import MachineCountSpec, MetricSpec, MetricWatch, PromQuerySpec, machine_counts
 from daemon.sources.prometheus import MetricSourceError, PromQL
 from daemon.sources.scrape import Scraper, ScrapeSpec, extract
+from daemon.telemetry.metrics import SourceMetrics
 from tests.conftest import eventually
 from tests.sim.helpers import make_app
 from tests.support.prometheus import PrometheusServer, free_port, running_prometheus
@@ -194,3 +197,72 @@ async def test_promql_sends_the_token(tmp_path: Path) -> None:
         assert "fm2_secret" not in repr(promql)
     finally:
         await promql.aclose()
+
+
+async def test_metric_watch_staleness_and_missing(
+    manual_control: httpx.AsyncClient, manual_fly: MachinesClient, clock: ManualClock
+) -> None:
+    """Fresh samples are values; when the source fails they age out and go missing (absent, not zero)."""
+    registry = CollectorRegistry()
+    scraper = Scraper(clock)
+    watch = MetricWatch(clock, scraper, metrics=SourceMetrics(registry))
+    spec = MetricSpec(
+        name="inflight", source=ScrapeSpec(name="app_inflight_requests", timeout=0.5), max_age=10.0
+    )
+    try:
+        await make_app(manual_control, base_latency=0.01, load={"iad": 20, "cdg": 10})
+        machines = await manual_fly.list_machines("shop")
+        first = await watch.read("shop", machines, ["iad", "cdg", "nrt"], spec)
+        assert set(first.values) == {"iad", "cdg"}
+        assert first.missing(["iad", "cdg", "nrt"]) == ["nrt"]
+        labels = {"app": "shop", "region": "iad", "metric": "inflight"}
+        assert registry.get_sample_value("flywatch_metric_value", labels) == pytest.approx(
+            first.values["iad"]
+        )
+        await manual_control.post(
+            "/faults", json={"kind": "region_outage", "region": "iad", "mode": "refuse"}
+        )
+        await manual_control.post(
+            "/faults", json={"kind": "region_outage", "region": "cdg", "mode": "refuse"}
+        )
+        await clock.advance(5)
+        held = await watch.read("shop", machines, ["iad", "cdg"], spec)
+        assert "no machine's /metrics could be read" in held.error
+        assert set(held.values) == {"iad", "cdg"}  # 5 s old: still fresh
+        await clock.advance(6)
+        stale = await watch.read("shop", machines, ["iad", "cdg"], spec)
+        assert stale.values == {}
+        assert stale.samples["iad"].age(clock.now()) == pytest.approx(11.0)
+        assert registry.get_sample_value("flywatch_metric_value", labels) is None
+        errors = registry.get_sample_value(
+            "flywatch_metric_errors_total", {"app": "shop", "source": "scrape"}
+        )
+        assert errors is not None
+        assert errors >= 2
+    finally:
+        await scraper.aclose()
+
+
+async def test_metric_watch_machine_counts_and_unconfigured_promql(
+    control: httpx.AsyncClient, fly: MachinesClient
+) -> None:
+    """Machine counts per region come from the API list; a PromQL metric without Prometheus is an error."""
+    await make_app(control, regions={"iad": {"started": 2, "stopped": 1}, "cdg": 1})
+    scraper = Scraper(SystemClock())
+    watch = MetricWatch(SystemClock(), scraper)
+    try:
+        machines = await fly.list_machines("shop")
+        started = await watch.read(
+            "shop", machines, ["iad", "cdg", "nrt"], MetricSpec("started", MachineCountSpec())
+        )
+        assert started.values == {"iad": 2.0, "cdg": 1.0, "nrt": 0.0}
+        stopped = await watch.read(
+            "shop", machines, ["iad"], MetricSpec("stopped", MachineCountSpec("stopped"))
+        )
+        assert stopped.values == {"iad": 1.0}
+        assert machine_counts(machines)["iad"] == {"started": 2, "stopped": 1}
+        unconfigured = await watch.read("shop", machines, ["iad"], MetricSpec("q", PromQuerySpec("up")))
+        assert unconfigured.values == {}
+        assert "no Prometheus is configured" in unconfigured.error
+    finally:
+        await scraper.aclose()
