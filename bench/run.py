@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench import scale_up
+from bench import probes, scale_up
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -95,9 +95,49 @@ def scale_up_section(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def probes_section(result: dict[str, Any]) -> str:
+    ours, peer = result["flywatch"], result["blackbox_exporter"]
+    lines = [
+        f"## Health probes per second per CPU core ({result['machines']} machines on loopback)",
+        "",
+        "`bench/probes.py`: a `flywatch sim` process serves 1,000 machines, each on its own loopback",
+        f"address; {result['rounds']} rounds probe every machine's health path,",
+        f"{probes.CONCURRENCY} at a time. flywatch's prober runs in the benchmark process (its CPU time",
+        "is that process's); the peer is",
+        "prometheus-blackbox-exporter (Debian's), driven through /probe as Prometheus drives it, its CPU",
+        "time read from /proc. Ratio: flywatch / peer (higher is better for flywatch).",
+        "",
+    ]
+    if "error" in peer:
+        return "\n".join([*lines, f"The peer could not run: {peer['error']}", ""])
+
+    def per_core(side: dict[str, Any]) -> float:
+        return float(side["probes"]) / max(float(side["cpu_seconds"]), 1e-9)
+
+    def per_second(side: dict[str, Any]) -> float:
+        return float(side["probes"]) / max(float(side["wall_seconds"]), 1e-9)
+
+    rows = [
+        ("probes per CPU-second", per_core(ours), per_core(peer)),
+        ("probes per wall-clock second", per_second(ours), per_second(peer)),
+        ("CPU seconds", float(ours["cpu_seconds"]), float(peer["cpu_seconds"])),
+    ]
+    lines += ["| measure | flywatch | blackbox exporter | flywatch / peer |", "| --- | ---: | ---: | ---: |"]
+    lines += [f"| {name} | {a:,.1f} | {b:,.1f} | {a / b:.2f}x |" for name, a, b in rows if b]
+    lines += [
+        "",
+        (
+            f"Probes that passed: flywatch {ours['ok']} of {ours['probes']}, "
+            f"peer {peer['ok']} of {peer['probes']}."
+        ),
+        "",
+    ]
+    return "\n".join(lines)
+
+
 def main() -> int:
     started = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
-    sections = [scale_up_section(scale_up.run())]
+    sections = [scale_up_section(scale_up.run()), probes_section(probes.run())]
     text = "\n".join(
         [
             "# Benchmarks",

@@ -54,8 +54,14 @@ class VerificationFailedError(Exception):
     """The machine does not run what it was just updated to."""
 
 
+class BootFailedError(Exception):
+    """The machine ended `failed` instead of started (its image crashed at boot)."""
+
+
 CREATED_BY = "flywatch_created"  # metadata on machines flywatch created, so later steps can tell them apart
 _CHECK_POLL = 1.0
+# Fly boots these after an update (flyctl's shouldSkipLaunch); stopped, suspended and created ones stay parked
+_LAUNCHED_BY_UPDATE = frozenset({"started", "starting", "failed"})
 
 
 def view_of(machine: Machine) -> MachineView:
@@ -78,6 +84,12 @@ def _effective_mode(action: ScaleDown, has_volume: bool) -> ScaleDownMode:
     if action.mode is ScaleDownMode.DESTROY and has_volume:
         return ScaleDownMode.STOP  # a machine with a volume is never destroyed: its data would go with it
     return action.mode
+
+
+def _declares_checks(config: MachineConfig | None) -> bool:
+    if config is None:
+        return False
+    return bool(config.checks) or any(service.get("checks") for service in config.services)
 
 
 def clone_config(source: MachineConfig) -> MachineConfig:
@@ -159,7 +171,7 @@ class Actuator:
         except errors.LeaseHeld as exc:
             why = f"leased by someone else: {exc.message}"
             return MachineStep(machine.id, operation, Outcome.SKIPPED, why, machine.region)
-        except (errors.FlyApiError, VerificationFailedError) as exc:
+        except (errors.FlyApiError, VerificationFailedError, BootFailedError) as exc:
             return MachineStep(machine.id, operation, Outcome.FAILED, str(exc), machine.region)
 
     def _dry(self, action: Action, would: list[str]) -> ActionResult:
@@ -189,17 +201,18 @@ class Actuator:
             return self._dry(action, would)
         steps = list(await asyncio.gather(*(self._start(action.app, by_id[m.id]) for m in starts)))
         missing = action.count - sum(1 for s in steps if s.outcome is Outcome.DONE)
-        note = ""
         if missing > 0:
             if source is None:
                 source = clone_source(views, action.region, release)
             if source is None:
-                note = (
+                # machines are needed and none can be made safely: that is a failure, not a skip
+                why = (
                     f"no healthy started machine of release {release.version} ({release.image}) to clone from"
                 )
+                steps.append(MachineStep("", "create", Outcome.FAILED, why, action.region))
             else:
                 steps.extend(await self._create(action, by_id[source.id], missing))
-        return summarise(action, steps, action.count, note)
+        return summarise(action, steps, action.count)
 
     async def _start(self, app: str, machine: Machine) -> MachineStep:
         async def work(nonce: str) -> str:
@@ -249,13 +262,17 @@ class Actuator:
         except errors.FlyApiError as exc:
             return MachineStep("", "create", Outcome.FAILED, str(exc), action.region)
         try:
-            await self._client.wait(
-                action.app, created.id, "started", timeout=self._wait_timeout, version=created.instance_id
-            )
-        except errors.FlyApiError as exc:
-            return MachineStep(
-                created.id, "create", Outcome.FAILED, f"created but not started: {exc}", action.region
-            )
+            await self._await_started(action.app, created.id, created.instance_id)
+        except (errors.FlyApiError, BootFailedError) as exc:
+            why = f"created but not started: {exc}"
+            # a clone that cannot boot is ours to clean up: left behind, failed clones would pile up
+            try:
+                await self._client.destroy_machine(action.app, created.id, force=True, nonce=created.nonce)
+                created = created.model_copy(update={"nonce": None})  # destroyed machines hold no lease
+                why += "; destroyed it"
+            except errors.FlyApiError as cleanup:
+                why += f"; could not destroy it: {cleanup}"
+            return MachineStep(created.id, "create", Outcome.FAILED, why, action.region)
         finally:
             if created.nonce:
                 try:
@@ -269,12 +286,24 @@ class Actuator:
     async def _scale_down(self, action: ScaleDown) -> ActionResult:
         machines, views = await self._observe(action.app, action.process_group)
         release = current_release(views)
-        victims, note = to_take_down(views, action.region, action.count, action.min_machines, release)
+        # every machine that may go, least useful first; the first `count` are tried, the rest stand in
+        candidates, note = to_take_down(views, action.region, len(views), action.min_machines, release)
+        victims = candidates[: action.count]
+        if len(candidates) >= action.count:
+            note = ""
         by_id = {m.id: m for m in machines}
         if self.dry_run:
             would = [f"{_effective_mode(action, v.has_volume).value} {v.id}" for v in victims]
             return self._dry(action, would + ([note] if note else []))
         steps = list(await asyncio.gather(*(self._take_down(action, by_id[v.id]) for v in victims)))
+        # a machine someone else holds stays; the next least useful ones go in their place
+        skipped = sum(1 for step in steps if step.outcome is Outcome.SKIPPED)
+        spares = candidates[action.count : action.count + skipped]
+        steps.extend([await self._take_down(action, by_id[spare.id]) for spare in spares])
+        if victims and len(victims) < action.count:
+            # a safety rule held some back: taking down the rest is all this action may do, not a failure
+            note = f"only {len(victims)} of {action.count} may go: {note}"
+            return summarise(action, steps, len(victims), note)
         return summarise(action, steps, action.count, note)
 
     async def _take_down(self, action: ScaleDown, machine: Machine) -> MachineStep:
@@ -336,28 +365,41 @@ class Actuator:
             return MachineStep(
                 machine.id, "update", Outcome.SKIPPED, "already runs the target config", machine.region
             )
-        was_running = machine.state in {"started", "starting"}
+        launches = machine.state in _LAUNCHED_BY_UPDATE
 
         async def work(nonce: str) -> str:
             updated = await self._client.update_machine(
                 app, machine.id, wanted, current_version=machine.instance_id, nonce=nonce
             )
-            if was_running:
-                await self._client.wait(
-                    app, machine.id, "started", timeout=self._wait_timeout, version=updated.instance_id
-                )
+            if launches:
+                await self._await_started(app, machine.id, updated.instance_id)
                 await self._await_checks(app, machine.id)
+            else:
+                # it stays parked, but only once the update has settled does the machine say what it runs
+                await self._client.wait(
+                    app, machine.id, "settled", timeout=self._wait_timeout, version=updated.instance_id
+                )
             return await self._verify(app, machine.id, updated.instance_id, target.image)
 
         return await self._leased(app, machine, "update", work)
 
+    async def _await_started(self, app: str, machine_id: str, version: str) -> None:
+        """Until this version of the machine is started; if it ends `failed`, fail now, not at the timeout."""
+        result = await self._client.wait(
+            app, machine_id, ("started", "failed"), timeout=self._wait_timeout, version=version
+        )
+        state = result.state or (await self._client.get_machine(app, machine_id)).state  # docs answer {ok}
+        if state != "started":
+            raise BootFailedError(f"machine {machine_id} did not start: it is {state} (instance {version})")
+
     async def _await_checks(self, app: str, machine_id: str) -> None:
-        """Until every Fly check of the machine passes (a machine without checks passes at once)."""
+        """Until every Fly check of the machine passes. Checks that the config declares must have reported:
+        just after a start Fly shows none yet, and that is not a pass. A machine with no checks passes."""
         deadline = self._clock.now() + self._wait_timeout
         while True:
             machine = await self._client.get_machine(app, machine_id)
-            verdict = machine.checks_passing
-            if verdict is True or not machine.checks:
+            declared = _declares_checks(machine.config)
+            if machine.checks_passing is True or (not machine.checks and not declared):
                 return
             if self._clock.now() >= deadline:
                 states = ", ".join(f"{c.name}={c.status}" for c in machine.checks)

@@ -109,8 +109,9 @@ class ActionResult:
 
 
 def summarise(action: Action, steps: list[MachineStep], wanted: int, note: str = "") -> ActionResult:
-    """The action's outcome from its steps: done when all `wanted` were done, skipped when nothing was tried
-    or every try was skipped, failed otherwise. The reason counts what happened and says why."""
+    """The action's outcome from its steps: done when `wanted` were done (a failure made up for along the way
+    is still told in the reason), skipped when nothing was tried or every try was skipped, failed otherwise.
+    The reason counts what happened and says why."""
     done = sum(1 for s in steps if s.outcome is Outcome.DONE)
     failed = [s for s in steps if s.outcome is Outcome.FAILED]
     skipped = [s for s in steps if s.outcome is Outcome.SKIPPED]
@@ -125,7 +126,7 @@ def summarise(action: Action, steps: list[MachineStep], wanted: int, note: str =
         )
     if note:
         parts.append(note)
-    if done >= wanted and not failed:
+    if done >= wanted:
         outcome = Outcome.DONE
     elif done == 0 and not failed:
         outcome = Outcome.SKIPPED

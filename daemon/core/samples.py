@@ -57,7 +57,9 @@ def counter_rate(previous: Sample | None, current: Sample) -> float | None:
     return increase / elapsed
 
 
-def by_region(per_machine: Mapping[str, float], regions: Mapping[str, str], how: Aggregate) -> dict[str, float]:
+def by_region(
+    per_machine: Mapping[str, float], regions: Mapping[str, str], how: Aggregate
+) -> dict[str, float]:
     """Aggregate machine values into their regions (`regions`: machine id -> region); regions with no value
     are absent from the result, not zero."""
     grouped: dict[str, list[float]] = {}

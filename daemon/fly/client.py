@@ -26,7 +26,7 @@ from typing import Any, Self
 import httpx
 
 from daemon.clock import Clock
-from daemon.core.ratelimit import TokenBuckets
+from daemon.core.ratelimit import CLIENT_HEADROOM, TokenBuckets
 from daemon.fly import errors
 from daemon.fly.auth import authorization
 from daemon.fly.models import App, Lease, Machine, MachineConfig, MachineEvent, MachineVersion, WaitResult
@@ -40,6 +40,7 @@ LEASE_NONCE_HEADER = "fly-machine-lease-nonce"
 IDEMPOTENCY_KEY = "flywatch_idempotency_key"
 MAX_WAIT_PER_CALL = 60  # Fly refuses wait timeouts above 60 s
 _MAX_RETRY_AFTER = 60.0
+_MIN_THROTTLE_WAIT = 0.001
 
 
 @dataclass(frozen=True)
@@ -77,7 +78,18 @@ def _retry_after(response: httpx.Response | None) -> float | None:
     return None
 
 
-def _error_from(endpoint: str, response: httpx.Response) -> errors.FlyApiError:
+_MIN_SECRET_PART = 8  # shorter pieces of a FlyV1 token list are not worth masking on their own
+
+
+def _secrets_of(token: str) -> tuple[str, ...]:
+    """What must never be repeated from an answer: the credential, and each part of a FlyV1 token list."""
+    credential = token.strip().removeprefix("FlyV1 ").strip()
+    parts = {p.strip() for p in credential.split(",") if len(p.strip()) >= _MIN_SECRET_PART}
+    return tuple(sorted({credential, *parts} - {""}, key=len, reverse=True))
+
+
+def _error_from(endpoint: str, response: httpx.Response, masked: Iterable[str] = ()) -> errors.FlyApiError:
+    """The typed error of an answer. A proxy's page may echo the request's headers: `masked` are hidden."""
     request_id = response.headers.get("fly-request-id", "")
     capacity = False
     try:
@@ -89,6 +101,8 @@ def _error_from(endpoint: str, response: httpx.Response) -> errors.FlyApiError:
         capacity = body.get("status") == "insufficient_capacity"
     else:
         message = response.text.strip()[:200] or response.reason_phrase
+    for secret in masked:
+        message = message.replace(secret, "[redacted]")
     return errors.error_for(endpoint, response.status_code, message, request_id, capacity=capacity)
 
 
@@ -112,9 +126,10 @@ class MachinesClient:
         self._clock = clock
         self._metrics = metrics
         self._retry = retry or RetryPolicy()
-        self._buckets = TokenBuckets() if rate_limit else None
+        self._buckets = TokenBuckets(CLIENT_HEADROOM) if rate_limit else None
         self._rng = rng or random.Random()
         self._timeout = timeout
+        self._secrets = _secrets_of(token)
         self._http = httpx.AsyncClient(
             base_url=base,
             headers={"Authorization": authorization(token), "User-Agent": "flywatch"},
@@ -140,7 +155,8 @@ class MachinesClient:
         if self._buckets is None:
             return
         while (wait := self._buckets.take(endpoint, scope, self._clock.now())) > 0.0:
-            await self._clock.sleep(wait)
+            # a floor: a float-rounded wait of 1e-8 s does not move an epoch timestamp, and would spin
+            await self._clock.sleep(max(wait, _MIN_THROTTLE_WAIT))
 
     def _count(self, endpoint: str, code: str, seconds: float) -> None:
         if self._metrics is not None:
@@ -193,7 +209,7 @@ class MachinesClient:
                 self._count(endpoint, str(response.status_code), self._clock.now() - started)
                 if response.is_success or response.status_code in expected:
                     return response
-                error = _error_from(endpoint, response)
+                error = _error_from(endpoint, response, self._secrets)
                 status = response.status_code
                 reason = "429" if status == 429 else "5xx"
                 # a 429 was refused before anything happened; a 5xx may have happened
@@ -289,6 +305,10 @@ class MachinesClient:
             except (errors.RequestTimeout, errors.ServerError, errors.TransportError) as exc:
                 found = await self.list_machines(app, metadata={IDEMPOTENCY_KEY: key}, include_deleted=False)
                 if found:
+                    if lease_ttl and found[0].nonce is None:
+                        # the create took a lease that only its lost answer named: read its nonce back
+                        lease = await self.get_lease(app, found[0].id)
+                        found[0].nonce = lease.nonce if lease is not None else None
                     log.info(
                         "create of %s in %s was ambiguous (%s); found it as %s",
                         app,
@@ -394,7 +414,7 @@ class MachinesClient:
             if response.status_code != 408:
                 return WaitResult.model_validate(response.json())
             if self._clock.now() >= deadline:
-                raise _error_from("Machines_wait", response)
+                raise _error_from("Machines_wait", response, self._secrets)
 
     # ------------------------------------------------------------------ leases
 

@@ -186,7 +186,8 @@ class MachinesApi:
             response = web.Response(status=spec.status, text=spec.body, content_type="text/html")
         else:
             phrase = HTTPStatus(spec.status).phrase.lower() if spec.status in _KNOWN_STATUSES else "error"
-            response = json_response({"error": f"{phrase} (injected fault {fault.id})"}, spec.status)
+            injected = ApiError(spec.status, f"{phrase} (injected fault {fault.id})")
+            response = error_response(lease_shaped(injected, operation))  # lease endpoints: their envelope
         if spec.retry_after is not None:
             response.headers["Retry-After"] = f"{spec.retry_after:g}"
         return response

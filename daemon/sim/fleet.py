@@ -31,13 +31,14 @@ _BLACKHOLE_LIMIT = 600.0
 
 
 class _MachineMetrics(Collector):
-    def __init__(self, traffic: Traffic) -> None:
+    def __init__(self, traffic: Traffic, inflight: float) -> None:
         self._traffic = traffic
+        self._inflight = inflight
 
     def collect(self) -> Iterator[Metric]:
         traffic = self._traffic
         inflight = GaugeMetricFamily("app_inflight_requests", "Requests being served right now.")
-        inflight.add_metric([], traffic.inflight)
+        inflight.add_metric([], self._inflight)
         yield inflight
         requests = CounterMetricFamily(
             "app_http_requests", "HTTP requests answered, by status.", labels=["status"]
@@ -201,7 +202,9 @@ class Fleet:
         return web.Response(status=status, text=json.dumps(body), content_type="application/json")
 
     def _metrics(self, machine: Machine) -> web.Response:
-        self.platform.integrate_traffic(self.platform.app(machine.app))
+        app = self.platform.app(machine.app)
+        self.platform.integrate_traffic(app)
+        current = self.platform.app_conditions(app).get(machine.id)
         registry = CollectorRegistry(auto_describe=False)
-        registry.register(_MachineMetrics(machine.traffic))
+        registry.register(_MachineMetrics(machine.traffic, current.inflight if current is not None else 0.0))
         return web.Response(body=generate_latest(registry), content_type="text/plain", charset="utf-8")

@@ -85,12 +85,11 @@ class Traffic:
     buckets: list[float] = field(default_factory=lambda: [0.0] * len(LATENCY_BUCKETS))
     count: float = 0.0
     total_seconds: float = 0.0
-    inflight: float = 0.0
     last: float | None = None
 
     def integrate(self, now: float, current: Conditions | None) -> None:
         """Add what happened since the last call, under `current` (None: the machine served nothing)."""
-        if self.last is not None and current is not None and now > self.last:
+        if self.last is not None and current is not None and now > self.last and current.offered_rps > 0:
             served = current.offered_rps * (now - self.last)
             self.requests["200"] += served * current.success_share
             self.requests["500"] += served * current.error_share
@@ -98,9 +97,9 @@ class Traffic:
             self.count += served
             self.total_seconds += served * current.latency
             for index, bound in enumerate(LATENCY_BUCKETS):
-                # latency is modelled as exponential with the current mean
-                self.buckets[index] += served * (1.0 - math.exp(-bound / current.latency))
-        self.inflight = current.inflight if current is not None else 0.0
+                # latency is exponential with the current mean (a zero mean: every answer in the first bucket)
+                share = 1.0 if current.latency <= 0 else 1.0 - math.exp(-bound / current.latency)
+                self.buckets[index] += served * share
         self.last = now
 
 

@@ -188,6 +188,8 @@ class App:
     machines: dict[str, Machine] = field(default_factory=dict)
     volumes: dict[str, Volume] = field(default_factory=dict)
     releases: list[Release] = field(default_factory=list)
+    integrated_at: float | None = None  # when its machines' counters were last brought up to date
+    cached_conditions: tuple[int, dict[str, Conditions]] | None = None  # (platform generation, conditions)
 
 
 @dataclass
@@ -248,6 +250,7 @@ class Platform:
         self._waiters: dict[str, list[tuple[Callable[[Machine], bool], asyncio.Future[None]]]] = {}
         self._ip_allocator: Callable[[], str] = self._default_ip
         self._next_ip = 0
+        self._generation = 0
 
     # ---------------------------------------------------------------- lookups
 
@@ -301,14 +304,20 @@ class Platform:
         """Does Fly Proxy send this machine traffic? Started, reachable, not cordoned."""
         return machine.state == "started" and not machine.cordoned and self.outage_for(machine) is None
 
+    def _changed(self) -> None:
+        """Something that shapes the load model changed: cached conditions are out of date."""
+        self._generation += 1
+
     def app_conditions(self, app: App) -> dict[str, Conditions]:
         """What each serving machine of the app experiences right now, by machine id."""
+        if app.cached_conditions is not None and app.cached_conditions[0] == self._generation:
+            return app.cached_conditions[1]
         counts: dict[str, int] = {}
         for machine in app.machines.values():
             if self.serving(machine):
                 counts[machine.region] = counts.get(machine.region, 0) + 1
         per_machine = spread(app.load, counts)
-        return {
+        result = {
             machine.id: conditions(
                 per_machine[machine.region],
                 app.capacity_rps,
@@ -318,13 +327,18 @@ class Platform:
             for machine in app.machines.values()
             if self.serving(machine)
         }
+        app.cached_conditions = (self._generation, result)
+        return result
 
     def integrate_traffic(self, app: App) -> None:
         """Bring the app's machines' counters up to now under the conditions that held until now."""
         now = self.clock.now()
+        if app.integrated_at == now:
+            return  # no time has passed: nothing was served since
         current = self.app_conditions(app)
         for machine in app.machines.values():
             machine.traffic.integrate(now, current.get(machine.id))
+        app.integrated_at = now
 
     def set_load(self, app_name: str, load: dict[str, float]) -> None:
         app = self.app(app_name)
@@ -336,8 +350,7 @@ class Platform:
         for app in apps:
             self.integrate_traffic(app)
         change()
-        for app in apps:
-            self.integrate_traffic(app)
+        self._changed()
 
     def set_image(self, image: str, behaviour: ImageBehaviour) -> None:
         self._reshaping(self.apps.values(), lambda: self.images.__setitem__(image, behaviour))
@@ -451,11 +464,11 @@ class Platform:
         if state == "started":
             machine.started_at = self.clock.now()
             # a new process: its counters start from zero, as a real app's do after a restart
-            machine.traffic = Traffic()
+            machine.traffic = Traffic(last=self.clock.now())
             machine.health_errors, machine.health_overload = Diffuser(), Diffuser()
         elif state == "destroyed":
             machine.destroyed_at = self.clock.now()
-        self.integrate_traffic(app)
+        self._changed()
         for listener in list(self.listeners):
             listener(machine, old)
         self._wake(machine)
@@ -761,6 +774,7 @@ class Platform:
             config=config,
             versions=[(instance_id, copy.deepcopy(config))],
             events=deque(maxlen=self.settings.events_retained),
+            traffic=Traffic(last=now),
         )
         if state == "started":
             machine.started_at = now
@@ -794,6 +808,7 @@ class Platform:
         launch = previous_state in {"started", "failed"} and not _truthy(body.get("skip_launch", False))
         self.integrate_traffic(self.app(app_name))  # what was served until now, under the old image
         machine.config = config
+        self._changed()
         machine.instance_id = self.ids.ulid(self.clock.now())
         machine.versions.append((machine.instance_id, copy.deepcopy(config)))
         lease = self.live_lease(machine)
@@ -815,6 +830,7 @@ class Platform:
             if self._take_revert(machine.app):
                 # Fly can silently revert an update: the machine reports the new version, runs the old config
                 machine.config = copy.deepcopy(previous_config)
+                self._changed()
             if launch:
                 self._boot(machine, "update")
             else:

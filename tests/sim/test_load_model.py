@@ -174,13 +174,12 @@ def _steady(rps: float, latency: float = 0.05, overload: float = 0.0, error: flo
 
 
 def test_first_integration_only_sets_the_starting_point() -> None:
-    """The first call counts nothing: there is no interval yet, only a start time and the inflight gauge."""
+    """The first call counts nothing: there is no interval yet, only a start time."""
     traffic = Traffic()
     traffic.integrate(100.0, _steady(10.0))
     assert traffic.count == 0.0
     assert traffic.requests == {"200": 0.0, "500": 0.0, "503": 0.0}
     assert traffic.last == 100.0
-    assert traffic.inflight == pytest.approx(0.5)
 
 
 def test_counters_grow_by_rps_times_seconds() -> None:
@@ -206,13 +205,12 @@ def test_integration_uses_the_conditions_given_for_the_interval() -> None:
 
 
 def test_idle_interval_counts_nothing_and_zeroes_inflight() -> None:
-    """An interval under None (not serving) adds nothing, sets inflight to 0, and moves the start on."""
+    """An interval under None (not serving) adds nothing and moves the start on."""
     traffic = Traffic()
     traffic.integrate(0.0, _steady(10.0))
     traffic.integrate(10.0, _steady(10.0))
     traffic.integrate(20.0, None)
     assert traffic.count == pytest.approx(100.0)
-    assert traffic.inflight == 0.0
     assert traffic.last == 20.0
     traffic.integrate(25.0, _steady(10.0))
     assert traffic.count == pytest.approx(150.0)
