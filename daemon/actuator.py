@@ -45,7 +45,7 @@ from daemon.core.plan import (
 )
 from daemon.fly import errors
 from daemon.fly.client import IDEMPOTENCY_KEY, MachinesClient
-from daemon.fly.models import Machine, MachineConfig
+from daemon.fly.models import Lease, Machine, MachineConfig
 
 log = logging.getLogger(__name__)
 
@@ -252,33 +252,32 @@ class Actuator:
                     action.app, config, region=action.region, lease_ttl=self._lease_ttl
                 )
         except errors.InsufficientCapacity as exc:
-            return MachineStep(
-                "",
-                "create",
-                Outcome.FAILED,
-                f"insufficient capacity in {action.region}: {exc.message}",
-                action.region,
-            )
+            why = f"insufficient capacity in {action.region}: {exc.message}"
+            return MachineStep("", "create", Outcome.FAILED, why, action.region)
         except errors.FlyApiError as exc:
             return MachineStep("", "create", Outcome.FAILED, str(exc), action.region)
+        if created.nonce is None:
+            # created, but the lease it was created with is unknown: it boots on its own all the same
+            return await self._boot_clone(action, source, created, None)
+        lease = Lease(nonce=created.nonce, version=created.instance_id)
+        async with self._client.holding(action.app, created.id, lease, ttl=self._lease_ttl) as held:
+            return await self._boot_clone(action, source, created, held.nonce)
+
+    async def _boot_clone(
+        self, action: ScaleUp, source: Machine, created: Machine, nonce: str | None
+    ) -> MachineStep:
+        """Wait for a new clone to start; one that cannot boot is ours to clean up (left behind, failed
+        clones would pile up)."""
         try:
             await self._await_started(action.app, created.id, created.instance_id)
         except (errors.FlyApiError, BootFailedError) as exc:
             why = f"created but not started: {exc}"
-            # a clone that cannot boot is ours to clean up: left behind, failed clones would pile up
             try:
-                await self._client.destroy_machine(action.app, created.id, force=True, nonce=created.nonce)
-                created = created.model_copy(update={"nonce": None})  # destroyed machines hold no lease
+                await self._client.destroy_machine(action.app, created.id, force=True, nonce=nonce)
                 why += "; destroyed it"
             except errors.FlyApiError as cleanup:
                 why += f"; could not destroy it: {cleanup}"
             return MachineStep(created.id, "create", Outcome.FAILED, why, action.region)
-        finally:
-            if created.nonce:
-                try:
-                    await self._client.release_lease(action.app, created.id, created.nonce)
-                except errors.FlyApiError as exc:
-                    log.warning("could not release the lease on new machine %s: %s", created.id, exc)
         return MachineStep(created.id, "create", Outcome.DONE, f"cloned from {source.id}", action.region)
 
     # ------------------------------------------------------------------ scale down

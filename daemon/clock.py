@@ -73,6 +73,9 @@ class ManualClock:
         return timer
 
     async def sleep(self, seconds: float) -> None:
+        if seconds <= 0:
+            await asyncio.sleep(0)  # no time to pass: just let others run
+            return
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
         def wake() -> None:

@@ -26,3 +26,12 @@ class Settings(BaseSettings):
     )
     machines_api_url: str = Field(default_factory=_default_api_url)
     dry_run: bool = False
+    org: str | None = None  # the Fly organization (its managed Prometheus lives under it)
+    prometheus_url: str | None = None  # default: Fly's managed Prometheus for `org`
+
+    @property
+    def effective_prometheus_url(self) -> str | None:
+        """FLYWATCH_PROMETHEUS_URL, else https://api.fly.io/prometheus/ORG when FLYWATCH_ORG is set."""
+        if self.prometheus_url:
+            return self.prometheus_url
+        return f"https://api.fly.io/prometheus/{self.org}" if self.org else None

@@ -35,3 +35,14 @@ def test_environment_overrides_and_the_token_is_masked(monkeypatch: pytest.Monke
     assert settings.dry_run is True
     assert "supersecret" not in repr(settings)
     assert "supersecret" not in str(settings.model_dump())
+
+
+def test_prometheus_url_defaults_to_fly_managed_prometheus(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With FLYWATCH_ORG, PromQL goes to Fly's managed Prometheus; FLYWATCH_PROMETHEUS_URL overrides it."""
+    monkeypatch.delenv("FLYWATCH_PROMETHEUS_URL", raising=False)
+    monkeypatch.delenv("FLYWATCH_ORG", raising=False)
+    assert Settings(_env_file=None).effective_prometheus_url is None  # type: ignore[call-arg]
+    monkeypatch.setenv("FLYWATCH_ORG", "acme")
+    assert Settings(_env_file=None).effective_prometheus_url == "https://api.fly.io/prometheus/acme"  # type: ignore[call-arg]
+    monkeypatch.setenv("FLYWATCH_PROMETHEUS_URL", "http://prom:9090")
+    assert Settings(_env_file=None).effective_prometheus_url == "http://prom:9090"  # type: ignore[call-arg]

@@ -176,6 +176,7 @@ class MachinesClient:
         timeout: float | None = None,
         ambiguous_retry: bool = True,
         expect: Iterable[int] = (),
+        deadline: float | None = None,
     ) -> httpx.Response:
         """Send one logical request, retried by error class. `expect`: error codes returned, not raised.
 
@@ -211,14 +212,17 @@ class MachinesClient:
                     return response
                 error = _error_from(endpoint, response, self._secrets)
                 status = response.status_code
-                reason = "429" if status == 429 else "5xx"
-                # a 429 was refused before anything happened; a 5xx may have happened
-                retryable = status == 429 or (status >= 500 and ambiguous_retry)
+                reason = {429: "429", 408: "408"}.get(status, "5xx")
+                # a 429 was refused before anything happened; a 408 (Fly's own deadline) or a 5xx may have
+                # happened, so only a call that is safe to repeat is retried after one
+                retryable = status == 429 or ((status >= 500 or status == 408) and ambiguous_retry)
             if not retryable or retry + 1 >= self._retry.attempts:
                 raise error
             delay = _retry_after(response)
             if delay is None:
                 delay = self._retry.delay(retry, self._rng)
+            if deadline is not None and self._clock.now() + delay >= deadline:
+                raise error  # the caller's own deadline comes first
             if self._metrics is not None:
                 self._metrics.retries.labels(endpoint, reason).inc()
             log.info("retrying %s after %s in %.2fs (retry %d)", endpoint, reason, delay, retry + 1)
@@ -303,7 +307,7 @@ class MachinesClient:
                 )
                 return Machine.model_validate(response.json())
             except (errors.RequestTimeout, errors.ServerError, errors.TransportError) as exc:
-                found = await self.list_machines(app, metadata={IDEMPOTENCY_KEY: key}, include_deleted=False)
+                found = await self._find_created(app, key, retry)
                 if found:
                     if lease_ttl and found[0].nonce is None:
                         # the create took a lease that only its lost answer named: read its nonce back
@@ -324,6 +328,18 @@ class MachinesClient:
                 await self._clock.sleep(self._retry.delay(retry, self._rng))
                 retry += 1
 
+    async def _find_created(self, app: str, key: str, retry: int) -> list[Machine]:
+        """Machines carrying this idempotency key. The list lags just after a create, so a miss is looked
+        at once more after a pause before the create may be sent again."""
+        for attempt in range(2):
+            listed = await self.list_machines(app, metadata={IDEMPOTENCY_KEY: key})
+            # the metadata filter is documented but not in the OpenAPI document: check it ourselves
+            found = [m for m in listed if m.metadata.get(IDEMPOTENCY_KEY) == key]
+            if found or attempt:
+                return found
+            await self._clock.sleep(self._retry.delay(retry, self._rng))
+        return []
+
     async def update_machine(
         self,
         app: str,
@@ -340,14 +356,21 @@ class MachinesClient:
             body["current_version"] = current_version
         if skip_launch is not None:
             body["skip_launch"] = skip_launch
-        response = await self._call(
-            "Machines_update",
-            "POST",
-            f"/apps/{app}/machines/{machine_id}",
-            scope=machine_id,
-            body=body,
-            nonce=nonce,
-        )
+        try:
+            response = await self._call(
+                "Machines_update",
+                "POST",
+                f"/apps/{app}/machines/{machine_id}",
+                scope=machine_id,
+                body=body,
+                nonce=nonce,
+            )
+        except errors.VersionConflict:
+            # after a lost answer and a retry, the first try may be what moved the version on
+            machine = await self.get_machine(app, machine_id)
+            if machine.config is not None and machine.config.to_api() == config.to_api():
+                return machine
+            raise
         return Machine.model_validate(response.json())
 
     async def _lifecycle(
@@ -410,6 +433,7 @@ class MachinesClient:
                 params=params,
                 timeout=per_call + 10.0,
                 expect=(408,),
+                deadline=deadline,
             )
             if response.status_code != 408:
                 return WaitResult.model_validate(response.json())
@@ -458,6 +482,15 @@ class MachinesClient:
         Raises LeaseHeld at once when someone else holds it: the caller skips the machine.
         """
         lease = await self.acquire_lease(app, machine_id, ttl=ttl, description=description)
+        async with self.holding(app, machine_id, lease, ttl=ttl) as held:
+            yield held
+
+    @contextlib.asynccontextmanager
+    async def holding(
+        self, app: str, machine_id: str, lease: Lease, *, ttl: int = 30
+    ) -> AsyncIterator[HeldLease]:
+        """Keep a lease we already hold (one taken with a create's lease_ttl, say) for the block: refreshed in
+        the background, released at the end (a lease that expired or a machine that is gone is fine)."""
         held = HeldLease(lease)
         refresher = asyncio.ensure_future(self._keep_lease(app, machine_id, held, ttl))
         try:
@@ -468,6 +501,8 @@ class MachinesClient:
                 await refresher
             try:
                 await self.release_lease(app, machine_id, held.nonce)
+            except errors.NotFound:
+                pass  # the machine is gone, and its lease with it
             except errors.FlyApiError as exc:
                 log.warning("could not release the lease on %s/%s: %s", app, machine_id, exc)
 

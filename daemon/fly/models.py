@@ -26,8 +26,14 @@ class MachineConfig(FlyModel):
     guest: dict[str, Any] | None = None
 
     def to_api(self) -> dict[str, Any]:
-        """The JSON to send back: what was read (unknown fields included) with our changes."""
-        return self.model_dump(mode="json", exclude_unset=True)
+        """The JSON to send back: what was read (unknown fields included) with our changes, including
+        changes made in place to a field that was not read (e.g. metadata added to a config without any)."""
+        data = self.model_dump(mode="json", exclude_unset=True)
+        full = self.model_dump(mode="json")
+        for name, info in type(self).model_fields.items():
+            if name not in data and full[name] != info.get_default(call_default_factory=True):
+                data[name] = full[name]
+        return data
 
     def copy_with(self, **changes: Any) -> MachineConfig:
         """A deep copy with some fields replaced (they count as set, so they are sent)."""

@@ -845,7 +845,6 @@ async def test_connection_refused_is_retried_then_raises_transport_error(
         (401, errors.Unauthorized),
         (403, errors.Forbidden),
         (404, errors.NotFound),
-        (408, errors.RequestTimeout),
         (409, errors.Conflict),
         (412, errors.PreconditionFailed),
         (422, errors.Unprocessable),
@@ -867,6 +866,18 @@ async def test_other_4xx_are_not_retried(
     assert caught.value.status == status
     assert (await counters(control))["responses"]["Machines_show"] == {str(status): 1}
     assert sample(registry, "flywatch_api_retries_total", endpoint="Machines_show", reason="5xx") == 0
+
+
+async def test_408_is_retried_where_repeating_is_safe(
+    client: MachinesClient, control: httpx.AsyncClient, registry: CollectorRegistry
+) -> None:
+    """Fly's own deadline (408) on a read is transient, as flyctl treats it: retried, then it succeeds."""
+    machine_id = await one_started(control)
+    await add_fault(control, endpoint="Machines_show", status=408, count=1)
+    machine = await client.get_machine("shop", machine_id)
+    assert machine.id == machine_id
+    assert (await counters(control))["responses"]["Machines_show"] == {"408": 1, "200": 1}
+    assert sample(registry, "flywatch_api_retries_total", endpoint="Machines_show", reason="408") == 1
 
 
 # ---------------------------------------------------------------------------------------------- create
@@ -897,7 +908,7 @@ async def test_create_after_a_503_before_creation_retries_once(
         "shop", MachineConfig(image=IMAGE), region="cdg", idempotency_key="k-1"
     )
     assert wire.statuses("Machines_create") == [503, 200]
-    assert wire.statuses("Machines_list") == [200]
+    assert wire.statuses("Machines_list") == [200, 200]  # looked up twice (the list lags), then created
     assert ids_in(await summary(control), region="cdg") == [created.id]
     assert created.metadata[IDEMPOTENCY_KEY] == "k-1"
     assert sample(registry, "flywatch_api_retries_total", endpoint="Machines_create", reason="ambiguous") == 1
@@ -914,7 +925,7 @@ async def test_create_persistent_503_raises_after_bounded_tries_without_duplicat
     with pytest.raises(errors.ServerError):
         await client.create_machine("shop", MachineConfig(image=IMAGE), region="cdg")
     assert wire.statuses("Machines_create") == [503] * 3
-    assert wire.statuses("Machines_list") == [200] * 3
+    assert wire.statuses("Machines_list") == [200] * 6  # two lookups after each ambiguous failure
     assert ids_in(await summary(control), region="cdg") == []
 
 
@@ -1172,3 +1183,35 @@ async def test_a_client_without_metrics_still_works(sim: SimServer, control: htt
     async with MachinesClient(sim.api_url, TOKEN, clock=SystemClock(), retry=NO_BACKOFF) as client:
         assert (await client.get_app("shop")).name == "shop"
     assert repr(client).startswith("MachinesClient(http://127.0.0.1:")
+
+
+async def test_update_whose_answer_was_lost_is_recognised_as_done(
+    client: MachinesClient, control: httpx.AsyncClient, wire: Wire
+) -> None:
+    """An update applied but answered 503 is retried, gets 409 (version moved), and is found to be done."""
+    machine_id = await one_started(control)
+    machine = await client.get_machine("shop", machine_id)
+    assert machine.config is not None
+    wanted = machine.config.copy_with(image="registry.fly.io/shop:v2")
+    await add_fault(control, endpoint="Machines_update", status=503, after=True, count=1)
+    updated = await client.update_machine("shop", machine_id, wanted, current_version=machine.instance_id)
+    assert updated.config is not None
+    assert updated.config.image == "registry.fly.io/shop:v2"
+    assert wire.statuses("Machines_update") == [503, 409]
+    assert len(await client.list_versions("shop", machine_id)) == 2  # applied once, not twice
+
+
+async def test_a_real_version_conflict_still_raises(
+    client: MachinesClient, control: httpx.AsyncClient
+) -> None:
+    """A stale current_version for a config the machine does not hold is a VersionConflict."""
+    machine_id = await one_started(control)
+    machine = await client.get_machine("shop", machine_id)
+    assert machine.config is not None
+    with pytest.raises(errors.VersionConflict):
+        await client.update_machine(
+            "shop",
+            machine_id,
+            machine.config.copy_with(image="x:y"),
+            current_version="01STALEVERSION0000000000000",
+        )

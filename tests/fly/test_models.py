@@ -157,3 +157,11 @@ def test_other_models_keep_unknown_fields() -> None:
     assert waited.state == "started"
     version = MachineVersion.model_validate({"version": "01J", "user_config": copy.deepcopy(FLY_CONFIG)})
     assert version.user_config.to_api() == FLY_CONFIG
+
+
+def test_in_place_edits_of_unread_fields_are_sent() -> None:
+    """Metadata added in place to a config read without any is part of what goes back."""
+    config = MachineConfig.model_validate({"image": "a:b", "x_future": 1})
+    config.metadata["owner"] = "team"
+    assert config.to_api() == {"image": "a:b", "x_future": 1, "metadata": {"owner": "team"}}
+    assert MachineConfig.model_validate({"image": "a:b"}).to_api() == {"image": "a:b"}
