@@ -19,6 +19,7 @@ from typing import Any
 from daemon.sim.errors import ApiError
 from daemon.sim.model import Actor, Machine, Platform, Release
 from daemon.sim.specs import DeploySpec
+from daemon.sim.tasks import Background
 
 DEPLOYER = Actor(owner="deploy@tokens.fly.io", source="deploy")
 _CHECK_POLL = 0.05
@@ -31,7 +32,7 @@ class DeployFailedError(Exception):
 class Deployer:
     def __init__(self, platform: Platform) -> None:
         self.platform = platform
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._background = Background()
 
     def deploy(self, app_name: str, request: DeploySpec) -> Release:
         app = self.platform.app(app_name)
@@ -46,21 +47,14 @@ class Deployer:
             created_at=self.platform.clock.now(),
         )
         app.releases.append(release)
-        task = asyncio.ensure_future(self._run(app_name, release, request))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._background.spawn(self._run(app_name, release, request))
         return release
 
     async def stop(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        for task in list(self._tasks):
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await self._background.stop()
 
     async def idle(self) -> None:
-        while self._tasks:
-            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        await self._background.idle()
 
     def _current_version(self, app_name: str) -> int:
         versions = [

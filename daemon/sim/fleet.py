@@ -10,7 +10,6 @@ driven by the load model. Machines that are not started do not listen; machines 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import json
 import logging
@@ -24,6 +23,7 @@ from prometheus_client.registry import Collector
 
 from daemon.sim.load import LATENCY_BUCKETS, Traffic
 from daemon.sim.model import Machine, Platform
+from daemon.sim.tasks import Background
 
 log = logging.getLogger(__name__)
 _BLACKHOLE_POLL = 0.05
@@ -63,7 +63,7 @@ class Fleet:
         self._sites: dict[str, web.TCPSite] = {}
         self._by_ip: dict[str, Machine] = {}
         self._locks: dict[str, asyncio.Lock] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._background = Background()
         # A random second octet keeps two simulators on one machine out of each other's addresses.
         self._octet = random.Random(ip_seed).randint(16, 239)
         self._next = 0
@@ -82,18 +82,13 @@ class Fleet:
         await self.idle()
 
     async def stop(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        for task in list(self._tasks):
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await self._background.stop()
         await self._runner.cleanup()
         self._sites.clear()
 
     async def idle(self) -> None:
         """Wait until every machine listens or not as its state says."""
-        while self._tasks:
-            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        await self._background.idle()
 
     def listening(self, machine_id: str) -> bool:
         return machine_id in self._sites
@@ -112,9 +107,7 @@ class Fleet:
             asyncio.get_running_loop()
         except RuntimeError:
             return  # no loop yet: start() resyncs
-        task = asyncio.ensure_future(self._sync(machine))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._background.spawn(self._sync(machine))
 
     def _should_listen(self, machine: Machine) -> bool:
         outage = self.platform.outage_for(machine)

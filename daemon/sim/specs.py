@@ -123,26 +123,23 @@ class ApiFaultSpec(Spec):
         return value
 
 
-class OutageSpec(Spec):
-    kind: Literal["region_outage"]
+class RegionFault(Spec):
     region: str
+
+    @field_validator("region")
+    @classmethod
+    def _known_region(cls, value: str) -> str:
+        return _region(value)
+
+
+class OutageSpec(RegionFault):
+    kind: Literal["region_outage"]
     app: str | None = None
     mode: Literal["blackhole", "refuse"] = "blackhole"
 
-    @field_validator("region")
-    @classmethod
-    def _known_region(cls, value: str) -> str:
-        return _region(value)
 
-
-class CapacitySpec(Spec):
+class CapacitySpec(RegionFault):
     kind: Literal["capacity"]
-    region: str
-
-    @field_validator("region")
-    @classmethod
-    def _known_region(cls, value: str) -> str:
-        return _region(value)
 
 
 class RevertSpec(Spec):

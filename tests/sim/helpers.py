@@ -28,3 +28,9 @@ async def wait_state(
     return await api.get(
         f"/apps/{app}/machines/{machine_id}/wait", params={"state": state, "timeout": 5, **params}
     )
+
+
+async def mark_image(control: httpx.AsyncClient, image: str, **behaviour: Any) -> None:
+    """Say through the control API how an image's instances behave (mode or fields)."""
+    response = await control.post("/images", json={"image": image, **behaviour})
+    assert response.status_code == 200, response.text

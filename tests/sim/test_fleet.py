@@ -12,7 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from daemon.clock import ManualClock
 from tests.conftest import eventually
-from tests.sim.helpers import make_app, wait_state
+from tests.sim.helpers import make_app, mark_image, wait_state
 
 Machine = dict[str, Any]
 
@@ -72,11 +72,6 @@ async def refused(client: httpx.AsyncClient, machine: Machine) -> bool:
     except httpx.RemoteProtocolError:
         return False
     return False
-
-
-async def mark_image(control: httpx.AsyncClient, image: str, **behaviour: Any) -> None:
-    response = await control.post("/images", json={"image": image, **behaviour})
-    assert response.status_code == 200, response.text
 
 
 # ---------------------------------------------------------------- addresses, health and metrics

@@ -9,7 +9,7 @@ import pytest
 
 from daemon.clock import ManualClock
 from tests.conftest import eventually
-from tests.sim.helpers import machine_ids, make_app
+from tests.sim.helpers import machine_ids, make_app, mark_image
 
 NEW = "registry.fly.io/shop:deployment-2"
 DEPLOYER = "deploy@tokens.fly.io"
@@ -73,11 +73,6 @@ def without_release(config: Json) -> Json:
     rest = {k: v for k, v in config.items() if k not in {"image", "metadata"}}
     rest["metadata"] = {k: v for k, v in config["metadata"].items() if k not in RELEASE_KEYS}
     return rest
-
-
-async def mark_image(control: httpx.AsyncClient, image: str, **behaviour: Any) -> None:
-    response = await control.post("/images", json={"image": image, **behaviour})
-    assert response.status_code == 200, response.text
 
 
 # ---------------------------------------------------------------- a release that goes well

@@ -10,8 +10,7 @@ from prometheus_client import CollectorRegistry
 
 from daemon.clock import SystemClock
 from daemon.core.health import Hysteresis, ProbeConditions, RegionState, Verdict
-from daemon.fly.client import NO_BACKOFF, MachinesClient
-from daemon.sim.server import SimServer
+from daemon.fly.client import MachinesClient
 from daemon.sources.health import HealthSpec, HealthWatch
 from daemon.sources.probes import Prober, probe_url
 from daemon.telemetry.metrics import HealthMetrics
@@ -20,13 +19,6 @@ from tests.sim.helpers import make_app
 FAST = HealthSpec(
     port=8080, path="/health", timeout=0.3, rules=Hysteresis(unhealthy_after=2, healthy_after=2)
 )
-
-
-@pytest.fixture
-async def fly(sim: SimServer) -> AsyncIterator[MachinesClient]:
-    client = MachinesClient(sim.api_url, "sim-token", clock=SystemClock(), retry=NO_BACKOFF)
-    yield client
-    await client.aclose()
 
 
 @pytest.fixture

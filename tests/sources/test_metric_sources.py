@@ -26,13 +26,6 @@ INFLIGHT = ScrapeSpec(name="app_inflight_requests", aggregate=Aggregate.SUM, tim
 
 
 @pytest.fixture
-async def fly(sim: SimServer) -> AsyncIterator[MachinesClient]:
-    client = MachinesClient(sim.api_url, "sim-token", clock=SystemClock(), retry=NO_BACKOFF)
-    yield client
-    await client.aclose()
-
-
-@pytest.fixture
 async def manual_fly(manual_sim: SimServer, clock: ManualClock) -> AsyncIterator[MachinesClient]:
     client = MachinesClient(manual_sim.api_url, "sim-token", clock=clock, retry=NO_BACKOFF, rate_limit=False)
     yield client
