@@ -18,9 +18,10 @@ the I/O, in the safe order:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import Any, assert_never
 
 from daemon.clock import Clock
 from daemon.core.machines import (
@@ -44,10 +45,17 @@ from daemon.core.plan import (
     summarise,
 )
 from daemon.fly import errors
-from daemon.fly.client import IDEMPOTENCY_KEY, MachinesClient
+from daemon.fly.client import IDEMPOTENCY_KEY, HeldLease, MachinesClient
 from daemon.fly.models import Lease, Machine, MachineConfig
 
 log = logging.getLogger(__name__)
+
+
+LEASED_BY_OTHERS = "leased by someone else"
+
+
+def _held_by_others(steps: Sequence[MachineStep]) -> bool:
+    return any(s.outcome is Outcome.SKIPPED and s.reason.startswith(LEASED_BY_OTHERS) for s in steps)
 
 
 class VerificationFailedError(Exception):
@@ -72,7 +80,8 @@ def view_of(machine: Machine) -> MachineView:
         image=machine.image,
         release_version=machine.release_version,
         created_at=machine.created_at,
-        healthy=machine.checks_passing,
+        # a machine whose config declares no checks has no Fly verdict to wait for: it counts as healthy
+        healthy=machine.checks_passing if machine.declares_checks else True,
         has_volume=machine.has_volume,
         process_group=machine.process_group or "app",
         host_ok=machine.host_status == "ok",
@@ -118,19 +127,37 @@ class Actuator:
         self._slots = asyncio.Semaphore(max_concurrency)
 
     async def execute(self, plan: Sequence[Action]) -> list[ActionResult]:
-        """Carry out every action; actions for different regions or apps run at once. Never raises."""
-        return list(await asyncio.gather(*(self.run(action) for action in plan)))
+        """Carry out every action, in plan order. Apps run at once; one app's actions run one after the
+        other, because the app-wide rules (the last machine of the current release, region minimums) hold
+        only if no two of its actions choose machines at the same time. Never raises."""
+        by_app: dict[str, list[int]] = {}
+        for index, action in enumerate(plan):
+            by_app.setdefault(action.app, []).append(index)
+        results: list[ActionResult | None] = [None] * len(plan)
+
+        async def run_app(indexes: list[int]) -> None:
+            for index in indexes:
+                results[index] = await self.run(plan[index])
+
+        await asyncio.gather(*(run_app(indexes) for indexes in by_app.values()))
+        return [result for result in results if result is not None]
 
     async def run(self, action: Action) -> ActionResult:
+        """One action, to its end. Never raises: whatever goes wrong is the action's failure, with why."""
         try:
             if isinstance(action, ScaleUp):
                 result = await self._scale_up(action)
             elif isinstance(action, ScaleDown):
                 result = await self._scale_down(action)
-            else:
+            elif isinstance(action, Rollout):
                 result = await self._rollout(action)
+            else:
+                assert_never(action)
         except errors.FlyApiError as exc:
             result = ActionResult(action=action, outcome=Outcome.FAILED, reason=f"Machines API: {exc}")
+        except Exception as exc:
+            log.exception("action %s on %s failed unexpectedly", action.kind, action.app)
+            result = ActionResult(action=action, outcome=Outcome.FAILED, reason=f"internal error: {exc!r}")
         log.info(
             "action %s %s/%s: %s (%s)",
             action.kind,
@@ -157,20 +184,21 @@ class Actuator:
         app: str,
         machine: Machine,
         operation: str,
-        work: Callable[[str], Awaitable[str]],
+        work: Callable[[HeldLease], Awaitable[str]],
     ) -> MachineStep:
-        """Run `work(nonce)` under the machine's lease; a lease held by someone else skips the machine."""
+        """Run `work(held)` under the machine's lease. A lease someone else holds when we ask for it skips
+        the machine (never fought); `work` calls `held.check()` before each change it makes."""
         try:
-            async with self._slots, self._client.lease(app, machine.id, ttl=self._lease_ttl) as held:
-                detail = await work(held.nonce)
-                if held.lost:
-                    return MachineStep(
-                        machine.id, operation, Outcome.FAILED, f"lease lost: {held.lost}", machine.region
-                    )
-                return MachineStep(machine.id, operation, Outcome.DONE, detail, machine.region)
-        except errors.LeaseHeld as exc:
-            why = f"leased by someone else: {exc.message}"
-            return MachineStep(machine.id, operation, Outcome.SKIPPED, why, machine.region)
+            async with self._slots:
+                try:
+                    lease = await self._client.acquire_lease(app, machine.id, ttl=self._lease_ttl)
+                except errors.LeaseHeld as exc:
+                    why = f"{LEASED_BY_OTHERS}: {exc.message}"
+                    return MachineStep(machine.id, operation, Outcome.SKIPPED, why, machine.region)
+                async with self._client.holding(app, machine.id, lease, ttl=self._lease_ttl) as held:
+                    detail = await work(held)
+                    held.check()
+                    return MachineStep(machine.id, operation, Outcome.DONE, detail, machine.region)
         except (errors.FlyApiError, VerificationFailedError, BootFailedError) as exc:
             return MachineStep(machine.id, operation, Outcome.FAILED, str(exc), machine.region)
 
@@ -201,6 +229,9 @@ class Actuator:
             return self._dry(action, would)
         steps = list(await asyncio.gather(*(self._start(action.app, by_id[m.id]) for m in starts)))
         missing = action.count - sum(1 for s in steps if s.outcome is Outcome.DONE)
+        if _held_by_others(steps):
+            # someone (a deploy) is working on this app: clones made now would race it; wait a tick
+            return summarise(action, steps, action.count, "not creating machines while others hold leases")
         if missing > 0:
             if source is None:
                 source = clone_source(views, action.region, release)
@@ -215,9 +246,15 @@ class Actuator:
         return summarise(action, steps, action.count)
 
     async def _start(self, app: str, machine: Machine) -> MachineStep:
-        async def work(nonce: str) -> str:
-            await self._client.start_machine(app, machine.id, nonce=nonce)
-            await self._client.wait(app, machine.id, "started", timeout=self._wait_timeout)
+        async def work(held: HeldLease) -> str:
+            held.check()
+            try:
+                await self._client.start_machine(app, machine.id, nonce=held.nonce)
+            except errors.PreconditionFailed as exc:
+                # a retried start whose first try worked is refused as "already started": that is done
+                if "current state: 'started'" not in exc.message:
+                    raise
+            await self._await_started(app, machine.id, None)
             return f"started from {machine.state}"
 
         return await self._leased(app, machine, "start", work)
@@ -285,20 +322,13 @@ class Actuator:
     async def _scale_down(self, action: ScaleDown) -> ActionResult:
         machines, views = await self._observe(action.app, action.process_group)
         release = current_release(views)
-        # every machine that may go, least useful first; the first `count` are tried, the rest stand in
-        candidates, note = to_take_down(views, action.region, len(views), action.min_machines, release)
-        victims = candidates[: action.count]
-        if len(candidates) >= action.count:
-            note = ""
+        victims, note = to_take_down(views, action.region, action.count, action.min_machines, release)
         by_id = {m.id: m for m in machines}
         if self.dry_run:
             would = [f"{_effective_mode(action, v.has_volume).value} {v.id}" for v in victims]
             return self._dry(action, would + ([note] if note else []))
+        # a machine someone else holds is skipped, and no other goes in its place: never work around a deploy
         steps = list(await asyncio.gather(*(self._take_down(action, by_id[v.id]) for v in victims)))
-        # a machine someone else holds stays; the next least useful ones go in their place
-        skipped = sum(1 for step in steps if step.outcome is Outcome.SKIPPED)
-        spares = candidates[action.count : action.count + skipped]
-        steps.extend([await self._take_down(action, by_id[spare.id]) for spare in spares])
         if victims and len(victims) < action.count:
             # a safety rule held some back: taking down the rest is all this action may do, not a failure
             note = f"only {len(victims)} of {action.count} may go: {note}"
@@ -309,19 +339,31 @@ class Actuator:
         app = action.app
         mode = _effective_mode(action, machine.has_volume)
 
-        async def work(nonce: str) -> str:
+        async def work(held: HeldLease) -> str:
+            # what was listed may have changed before the lease was ours: look again before acting
+            now = await self._client.get_machine(app, machine.id)
+            if now.state != "started" or now.instance_id != machine.instance_id:
+                raise VerificationFailedError(
+                    f"changed since it was chosen (now {now.state}, instance {now.instance_id}): left alone"
+                )
             if mode is ScaleDownMode.SUSPEND:
                 try:
-                    await self._client.suspend_machine(app, machine.id, nonce=nonce)
-                    await self._client.wait(app, machine.id, "suspended", timeout=self._wait_timeout)
+                    held.check()
+                    await self._client.suspend_machine(app, machine.id, nonce=held.nonce)
+                    await self._client.wait(
+                        app, machine.id, "suspended", timeout=self._wait_timeout, version=machine.instance_id
+                    )
                 except errors.PreconditionFailed as exc:
-                    await self._stop(app, machine, nonce)
+                    await self._stop(app, machine, held)
                     return f"stopped (suspend refused: {exc.message})"
                 else:
                     return "suspended"
-            await self._stop(app, machine, nonce)
+            await self._stop(app, machine, held)
             if mode is ScaleDownMode.DESTROY:
-                await self._client.destroy_machine(app, machine.id, nonce=nonce)
+                held.check()
+                # NotFound: a retried destroy whose first try worked; it is gone, as asked
+                with contextlib.suppress(errors.NotFound):
+                    await self._client.destroy_machine(app, machine.id, nonce=held.nonce)
                 return "stopped, then destroyed"
             if action.mode is ScaleDownMode.DESTROY:
                 return "stopped (it has a volume, so it is not destroyed)"
@@ -329,8 +371,9 @@ class Actuator:
 
         return await self._leased(app, machine, mode.value, work)
 
-    async def _stop(self, app: str, machine: Machine, nonce: str) -> None:
-        await self._client.stop_machine(app, machine.id, nonce=nonce)
+    async def _stop(self, app: str, machine: Machine, held: HeldLease) -> None:
+        held.check()
+        await self._client.stop_machine(app, machine.id, nonce=held.nonce)
         await self._client.wait(
             app, machine.id, "stopped", timeout=self._wait_timeout, version=machine.instance_id
         )
@@ -366,9 +409,10 @@ class Actuator:
             )
         launches = machine.state in _LAUNCHED_BY_UPDATE
 
-        async def work(nonce: str) -> str:
+        async def work(held: HeldLease) -> str:
+            held.check()
             updated = await self._client.update_machine(
-                app, machine.id, wanted, current_version=machine.instance_id, nonce=nonce
+                app, machine.id, wanted, current_version=machine.instance_id, nonce=held.nonce
             )
             if launches:
                 await self._await_started(app, machine.id, updated.instance_id)
@@ -382,14 +426,16 @@ class Actuator:
 
         return await self._leased(app, machine, "update", work)
 
-    async def _await_started(self, app: str, machine_id: str, version: str) -> None:
+    async def _await_started(self, app: str, machine_id: str, version: str | None) -> None:
         """Until this version of the machine is started; if it ends `failed`, fail now, not at the timeout."""
         result = await self._client.wait(
             app, machine_id, ("started", "failed"), timeout=self._wait_timeout, version=version
         )
         state = result.state or (await self._client.get_machine(app, machine_id)).state  # docs answer {ok}
         if state != "started":
-            raise BootFailedError(f"machine {machine_id} did not start: it is {state} (instance {version})")
+            raise BootFailedError(
+                f"machine {machine_id} did not start: it is {state} (instance {version or '-'})"
+            )
 
     async def _await_checks(self, app: str, machine_id: str) -> None:
         """Until every Fly check of the machine passes. Checks that the config declares must have reported:

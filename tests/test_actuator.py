@@ -399,10 +399,10 @@ async def test_scale_up_capacity_error_fails_that_region_only(
     assert regions.count("iad") == 2
 
 
-async def test_scale_up_skips_a_parked_machine_leased_by_a_deploy_and_clones_instead(
+async def test_scale_up_leaves_an_app_alone_while_someone_else_holds_a_lease(
     actuator: Actuator, api: httpx.AsyncClient, control: httpx.AsyncClient
 ) -> None:
-    """A parked machine under someone else's lease is skipped, not fought; a clone makes up for it."""
+    """A parked machine under someone else's lease is skipped, and no clone is made around it this tick."""
     app = await make_app(control, regions={"iad": {"started": 1, "stopped": 1}})
     [parked] = ids_in(app, "stopped")
     foreign = await acquire_foreign_lease(api, parked)
@@ -412,8 +412,9 @@ async def test_scale_up_skips_a_parked_machine_leased_by_a_deploy_and_clones_ins
     by_machine = {s.machine_id: s for s in result.steps}
     assert by_machine[parked].outcome is Outcome.SKIPPED
     assert "leased by someone else" in by_machine[parked].reason
-    created = [s for s in result.steps if s.operation == "create"]
-    assert [s.outcome for s in created] == [Outcome.DONE]
+    assert [s for s in result.steps if s.operation == "create"] == []
+    assert result.outcome is Outcome.SKIPPED
+    assert "others hold leases" in result.reason
     assert (await machine(api, parked))["state"] == "stopped"
     assert await leases(api) == {parked: foreign}
     assert not [m for m in await mutations(control, *MUTATING) if m["machine"] == parked]
@@ -986,3 +987,37 @@ class TestUnderFlyRateLimits:
         started = [m for m in await machines(api) if m["state"] == "started"]
         assert sorted(m["region"] for m in started) == ["cdg"] * 3 + ["iad"] * 5 + ["nrt"] * 3
         assert await leases(api) == {}
+
+
+async def test_one_apps_actions_run_one_after_the_other(
+    actuator: Actuator, api: httpx.AsyncClient, control: httpx.AsyncClient
+) -> None:
+    """Two scale-downs of one app in one plan cannot together stop its current release's last machines."""
+    await make_app(control, regions={"iad": 1, "cdg": 1})
+    results = await actuator.execute(
+        [ScaleDown(APP, "iad", 1, reason="quiet"), ScaleDown(APP, "cdg", 1, reason="quiet")]
+    )
+    assert [r.outcome for r in results] == [Outcome.DONE, Outcome.SKIPPED]
+    assert "last started machine of the current release" in results[1].reason
+    assert sorted(m["state"] for m in await machines(api)) == ["started", "stopped"]
+
+
+async def test_a_malformed_answer_fails_the_action_and_never_raises(control: httpx.AsyncClient) -> None:
+    """An answer of the wrong shape (a list of junk) is the action's failure, with its reason."""
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, json=[{"no": "id"}])
+
+    client = MachinesClient(
+        "http://fly.invalid",
+        "t",
+        clock=SystemClock(),
+        retry=NO_BACKOFF,
+        transport=httpx.MockTransport(handler),
+    )
+    try:
+        result = await Actuator(client, SystemClock()).run(ScaleUp(APP, "iad", 1, reason="load"))
+    finally:
+        await client.aclose()
+    assert result.outcome is Outcome.FAILED
+    assert "unexpected answer" in result.reason

@@ -132,7 +132,10 @@ class MachineHealth:
 
 
 def step(state: MachineHealth, result: ProbeResult, rules: Hysteresis) -> MachineHealth:
-    """The machine's health after one more probe."""
+    """The machine's health after one more probe. After a gap longer than `stale_after`, the old history
+    says nothing of now: the machine starts afresh."""
+    if state.last_at is not None and result.outcome.at - state.last_at > rules.stale_after:
+        state = MachineHealth()
     if result.ok:
         successes, failures = state.successes + 1, 0
         verdict = Verdict.HEALTHY if successes >= rules.healthy_after else state.verdict
@@ -223,6 +226,12 @@ def region_health(region: str, machines: Iterable[MachineVerdict]) -> RegionHeal
         state, reason = RegionState.UNKNOWN, "no started machine to judge"
     elif failing and not healthy and all(m.unreachable for m in failing):
         state, reason = RegionState.DOWN, f"region unreachable ({summary})"
+    elif failing and not healthy and unknown:
+        # some machines have no verdict yet: too little to call the region down (and move its load away)
+        state, reason = (
+            RegionState.UNKNOWN,
+            f"no healthy machine, but not all judged yet ({summary}){example}",
+        )
     elif failing and not healthy:
         state, reason = RegionState.DOWN, f"no healthy machine ({summary}){example}"
     elif not healthy:

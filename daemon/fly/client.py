@@ -21,9 +21,10 @@ import random
 import secrets
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 
 import httpx
+from pydantic import BaseModel, ValidationError
 
 from daemon.clock import Clock
 from daemon.core.ratelimit import CLIENT_HEADROOM, TokenBuckets
@@ -33,6 +34,7 @@ from daemon.fly.models import App, Lease, Machine, MachineConfig, MachineEvent, 
 from daemon.telemetry.metrics import ApiMetrics
 
 log = logging.getLogger(__name__)
+M = TypeVar("M", bound=BaseModel)
 
 DEFAULT_BASE_URL = "https://api.machines.dev"
 INTERNAL_BASE_URL = "http://_api.internal:4280"
@@ -86,6 +88,41 @@ def _secrets_of(token: str) -> tuple[str, ...]:
     credential = token.strip().removeprefix("FlyV1 ").strip()
     parts = {p.strip() for p in credential.split(",") if len(p.strip()) >= _MIN_SECRET_PART}
     return tuple(sorted({credential, *parts} - {""}, key=len, reverse=True))
+
+
+def _body(endpoint: str, response: httpx.Response) -> Any:
+    """The JSON of a success; anything else is a BadResponse, never a stray decode error."""
+    try:
+        return response.json()
+    except ValueError:
+        raise errors.BadResponse(endpoint, f"answered {response.status_code} without JSON") from None
+
+
+def _lease_data(endpoint: str, response: httpx.Response) -> dict[str, Any]:
+    body = _body(endpoint, response)
+    data = body.get("data") if isinstance(body, dict) else None
+    if not isinstance(data, dict) or not isinstance(data.get("nonce"), str):
+        raise errors.BadResponse(endpoint, "the lease answer has no data.nonce")
+    return data
+
+
+def _parsed(endpoint: str, response: httpx.Response, model: type[M]) -> M:
+    """The answer as a model; a body of the wrong shape is a BadResponse."""
+    try:
+        return model.model_validate(_body(endpoint, response))
+    except ValidationError as exc:
+        raise errors.BadResponse(endpoint, f"unexpected answer: {exc.error_count()} problem(s)") from None
+
+
+def _parsed_list(endpoint: str, response: httpx.Response, model: type[M], key: str | None = None) -> list[M]:
+    body = _body(endpoint, response)
+    items = body.get(key) if key is not None and isinstance(body, dict) else body
+    if not isinstance(items, list):
+        raise errors.BadResponse(endpoint, "expected a list")
+    try:
+        return [model.model_validate(item) for item in items]
+    except ValidationError as exc:
+        raise errors.BadResponse(endpoint, f"unexpected answer: {exc.error_count()} problem(s)") from None
 
 
 def _error_from(endpoint: str, response: httpx.Response, masked: Iterable[str] = ()) -> errors.FlyApiError:
@@ -235,11 +272,11 @@ class MachinesClient:
         response = await self._call(
             "Apps_list", "GET", "/apps", scope=org_slug, params={"org_slug": org_slug}
         )
-        return [App.model_validate(a) for a in response.json().get("apps", [])]
+        return _parsed_list("Apps_list", response, App, key="apps")
 
     async def get_app(self, app: str) -> App:
         response = await self._call("Apps_show", "GET", f"/apps/{app}", scope=app)
-        return App.model_validate(response.json())
+        return _parsed("Apps_show", response, App)
 
     # ------------------------------------------------------------------ machines
 
@@ -265,13 +302,13 @@ class MachinesClient:
         for key, value in (metadata or {}).items():
             params[f"metadata.{key}"] = value
         response = await self._call("Machines_list", "GET", f"/apps/{app}/machines", scope=app, params=params)
-        return [Machine.model_validate(m) for m in response.json()]
+        return _parsed_list("Machines_list", response, Machine)
 
     async def get_machine(self, app: str, machine_id: str) -> Machine:
         response = await self._call(
             "Machines_show", "GET", f"/apps/{app}/machines/{machine_id}", scope=machine_id
         )
-        return Machine.model_validate(response.json())
+        return _parsed("Machines_show", response, Machine)
 
     async def create_machine(
         self,
@@ -305,7 +342,7 @@ class MachinesClient:
                     body=body,
                     ambiguous_retry=False,
                 )
-                return Machine.model_validate(response.json())
+                return _parsed("Machines_create", response, Machine)
             except (errors.RequestTimeout, errors.ServerError, errors.TransportError) as exc:
                 found = await self._find_created(app, key, retry)
                 if found:
@@ -365,20 +402,24 @@ class MachinesClient:
                 body=body,
                 nonce=nonce,
             )
-        except errors.VersionConflict:
-            # after a lost answer and a retry, the first try may be what moved the version on
+        except errors.Conflict as exc:
+            if isinstance(exc, errors.LeaseHeld):
+                raise
+            # after a lost answer and a retry, the first try may be what moved the version on (Fly does not
+            # document the message of this 409, so any conflict but a held lease is looked into)
             machine = await self.get_machine(app, machine_id)
             if machine.config is not None and machine.config.to_api() == config.to_api():
                 return machine
             raise
-        return Machine.model_validate(response.json())
+        return _parsed("Machines_update", response, Machine)
 
     async def _lifecycle(
         self, endpoint: str, app: str, machine_id: str, verb: str, nonce: str | None
     ) -> dict[str, Any]:
         path = f"/apps/{app}/machines/{machine_id}/{verb}"
         response = await self._call(endpoint, "POST", path, scope=machine_id, nonce=nonce)
-        result: dict[str, Any] = response.json() if response.content else {}
+        body = _body(endpoint, response) if response.content else {}
+        result: dict[str, Any] = body if isinstance(body, dict) else {}
         return result
 
     async def start_machine(self, app: str, machine_id: str, *, nonce: str | None = None) -> dict[str, Any]:
@@ -436,7 +477,7 @@ class MachinesClient:
                 deadline=deadline,
             )
             if response.status_code != 408:
-                return WaitResult.model_validate(response.json())
+                return _parsed("Machines_wait", response, WaitResult)
             if self._clock.now() >= deadline:
                 raise _error_from("Machines_wait", response, self._secrets)
 
@@ -446,9 +487,19 @@ class MachinesClient:
         self, app: str, machine_id: str, *, ttl: int, description: str = "flywatch"
     ) -> Lease:
         path = f"/apps/{app}/machines/{machine_id}/lease"
-        body = {"ttl": ttl, "description": description}
-        response = await self._call("Machines_create_lease", "POST", path, scope=machine_id, body=body)
-        return Lease.model_validate(response.json()["data"])
+        # a tag of our own in the description: if a retry after a lost answer finds the lease held, the
+        # tag tells whether the holder is this very acquire (ours to keep) or someone else
+        tag = f"{description} {secrets.token_hex(6)}"
+        try:
+            response = await self._call(
+                "Machines_create_lease", "POST", path, scope=machine_id, body={"ttl": ttl, "description": tag}
+            )
+        except errors.LeaseHeld:
+            existing = await self.get_lease(app, machine_id)
+            if existing is not None and existing.description == tag:
+                return existing
+            raise
+        return Lease.model_validate(_lease_data("Machines_create_lease", response))
 
     async def refresh_lease(self, app: str, machine_id: str, nonce: str, *, ttl: int) -> Lease:
         path = f"/apps/{app}/machines/{machine_id}/lease"
@@ -456,14 +507,14 @@ class MachinesClient:
         response = await self._call(
             "Machines_create_lease", "POST", path, scope=machine_id, body=body, nonce=nonce
         )
-        return Lease.model_validate(response.json()["data"])
+        return Lease.model_validate(_lease_data("Machines_create_lease", response))
 
     async def get_lease(self, app: str, machine_id: str) -> Lease | None:
         path = f"/apps/{app}/machines/{machine_id}/lease"
         response = await self._call("Machines_show_lease", "GET", path, scope=machine_id, expect=(404,))
         if response.status_code == 404:
             return None
-        return Lease.model_validate(response.json()["data"])
+        return Lease.model_validate(_lease_data("Machines_show_lease", response))
 
     async def release_lease(self, app: str, machine_id: str, nonce: str) -> bool:
         """Release our lease; False when it had already expired (Fly answers 404 then)."""
@@ -501,28 +552,34 @@ class MachinesClient:
                 await refresher
             try:
                 await self.release_lease(app, machine_id, held.nonce)
-            except errors.NotFound:
-                pass  # the machine is gone, and its lease with it
-            except errors.FlyApiError as exc:
+            except Exception as exc:  # noqa: BLE001 - a lease we cannot release expires at its ttl
                 log.warning("could not release the lease on %s/%s: %s", app, machine_id, exc)
 
     async def _keep_lease(self, app: str, machine_id: str, held: HeldLease, ttl: int) -> None:
+        """Refresh every third of the ttl; a failed refresh is tried again until the lease could expire."""
         period = max(ttl / 3.0, 0.5)
+        good_until = self._clock.now() + ttl
         while True:
             await self._clock.sleep(period)
             try:
                 held.lease = await self.refresh_lease(app, machine_id, held.nonce, ttl=ttl)
-            except errors.FlyApiError as exc:
-                held.lost = str(exc)
-                log.warning("lost the lease on %s/%s: %s", app, machine_id, exc)
-                return
+                good_until = self._clock.now() + ttl
+            except Exception as exc:  # noqa: BLE001 - any failure to refresh is judged the same way
+                if isinstance(exc, errors.LeaseHeld) or self._clock.now() + period >= good_until:
+                    held.lost = str(exc)
+                    log.warning("lost the lease on %s/%s: %s", app, machine_id, exc)
+                    return
+                log.info("refreshing the lease on %s/%s failed, trying again: %s", app, machine_id, exc)
 
     # ------------------------------------------------------------------ metadata, versions, events
 
     async def get_metadata(self, app: str, machine_id: str) -> dict[str, str]:
         path = f"/apps/{app}/machines/{machine_id}/metadata"
         response = await self._call("Machines_show_metadata", "GET", path, scope=machine_id)
-        return {str(k): str(v) for k, v in response.json().items()}
+        body = _body("Machines_show_metadata", response)
+        if not isinstance(body, dict):
+            raise errors.BadResponse("Machines_show_metadata", "expected an object")
+        return {str(k): str(v) for k, v in body.items()}
 
     async def set_metadata(self, app: str, machine_id: str, key: str, value: str) -> None:
         path = f"/apps/{app}/machines/{machine_id}/metadata/{key}"
@@ -535,19 +592,19 @@ class MachinesClient:
     async def list_versions(self, app: str, machine_id: str) -> list[MachineVersion]:
         path = f"/apps/{app}/machines/{machine_id}/versions"
         response = await self._call("Machines_list_versions", "GET", path, scope=machine_id)
-        return [MachineVersion.model_validate(v) for v in response.json()]
+        return _parsed_list("Machines_list_versions", response, MachineVersion)
 
     async def list_events(self, app: str, machine_id: str, *, limit: int = 20) -> list[MachineEvent]:
         path = f"/apps/{app}/machines/{machine_id}/events"
         response = await self._call(
             "Machines_list_events", "GET", path, scope=machine_id, params={"limit": limit}
         )
-        return [MachineEvent.model_validate(e) for e in response.json()]
+        return _parsed_list("Machines_list_events", response, MachineEvent)
 
 
 @dataclass
 class HeldLease:
-    """A lease we hold. `lost` says why, when a refresh failed and the lease may be gone."""
+    """A lease we hold. `lost` says why, when refreshing failed until it may have expired."""
 
     lease: Lease
     lost: str = ""
@@ -555,3 +612,8 @@ class HeldLease:
     @property
     def nonce(self) -> str:
         return self.lease.nonce
+
+    def check(self) -> None:
+        """Raise LeaseLost if the lease may be gone: no change may be made under it any more."""
+        if self.lost:
+            raise errors.LeaseLost("Machines_create_lease", f"lease lost: {self.lost}")

@@ -78,6 +78,14 @@ class ServerError(FlyApiError):
     status = 500
 
 
+class BadResponse(FlyApiError):
+    """A success status with a body that is not what the API documents (not JSON, or the wrong shape)."""
+
+
+class LeaseLost(FlyApiError):
+    """Our lease could not be refreshed and may have expired: nothing more may be changed under it."""
+
+
 class TransportError(FlyApiError):
     """No answer at all: connection refused or reset, or our own timeout."""
 

@@ -9,11 +9,24 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class FlyModel(BaseModel):
     model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_absent(cls, data: Any) -> Any:
+        """Fly writes null for an empty list or map: read it as absent, so the field keeps its default."""
+        if not isinstance(data, dict):
+            return data
+        return {key: value for key, value in data.items() if value is not None or not cls._has_default(key)}
+
+    @classmethod
+    def _has_default(cls, key: str) -> bool:
+        field = cls.model_fields.get(key)
+        return field is not None and (field.default_factory is not None or field.default is not None)
 
 
 class MachineConfig(FlyModel):
@@ -83,7 +96,7 @@ class Machine(FlyModel):
     image_ref: ImageRef | None = None
     checks: list[CheckStatus] = Field(default_factory=list)
     events: list[MachineEvent] = Field(default_factory=list)
-    host_status: str = "ok"
+    host_status: str = "unknown"  # unknown is not ok: only Fly's own "ok" says the host is reachable
     created_at: str = ""
     updated_at: str = ""
     nonce: str | None = None
@@ -124,17 +137,35 @@ class Machine(FlyModel):
 
     @property
     def has_volume(self) -> bool:
+        """Whether a volume is mounted; with no config to tell, assume one (so nothing is ever destroyed)."""
         config = self.known_config
-        return bool(config is not None and any(mount.get("volume") for mount in config.mounts))
+        return config is None or any(mount.get("volume") for mount in config.mounts)
 
     @property
     def checks_passing(self) -> bool | None:
-        """True when every Fly check passes, False when one is critical, None with no verdict yet."""
-        if not self.checks:
+        """True when every Fly check passes, False when one is critical, None with no verdict yet.
+
+        Checks that do not speak of the app's health are left out: the ones a config marks `informational`,
+        and the ones Fly itself adds for its deployments (named bg_deployments*)."""
+        informational = {
+            name
+            for name, check in (self.known_config.checks if self.known_config else {}).items()
+            if check.get("kind") == "informational"
+        }
+        checks = [
+            c for c in self.checks if c.name not in informational and not c.name.startswith("bg_deployments")
+        ]
+        if not checks:
             return None
-        if any(check.status == "critical" for check in self.checks):
+        if any(check.status == "critical" for check in checks):
             return False
-        return all(check.status == "passing" for check in self.checks) or None
+        return all(check.status == "passing" for check in checks) or None
+
+    @property
+    def declares_checks(self) -> bool:
+        """Whether the config asks Fly to check this machine (top-level or service checks)."""
+        config = self.known_config
+        return config is not None and (bool(config.checks) or any(s.get("checks") for s in config.services))
 
 
 class Lease(FlyModel):

@@ -27,6 +27,7 @@ from daemon.core.health import (
     with_doubt,
 )
 from daemon.fly.models import Machine
+from daemon.sources.fleet import in_group
 from daemon.sources.probes import Prober, ProbeTarget, probe_url
 from daemon.telemetry.metrics import HealthMetrics
 
@@ -63,11 +64,8 @@ class HealthWatch:
 
     async def observe(self, app: str, machines: Iterable[Machine], spec: HealthSpec) -> AppHealth:
         """Probe the app's started machines once and judge them and their regions."""
-        started = [
-            m
-            for m in machines
-            if m.state == "started" and (m.process_group or "app") == spec.process_group and not m.is_canary
-        ]
+        members = in_group(machines, spec.process_group)
+        started = [m for m in members if m.state == "started"]
         reachable = [m for m in started if m.host_status == "ok"]
         targets = [
             ProbeTarget(app, m.id, m.region, probe_url(m.private_ip, spec.port, spec.path), spec.headers)
@@ -92,7 +90,7 @@ class HealthWatch:
             verdicts[machine.id] = machine_verdict(signals, now, spec.rules)
         for gone in set(history) - {m.id for m in started}:
             del history[gone]  # a stopped machine starts afresh when it comes back
-        regions_now = {m.region for m in machines if m.state not in {"destroyed", "destroying"}}
+        regions_now = {m.region for m in members}
         regions = {
             region: region_health(region, [v for v in verdicts.values() if v.region == region])
             for region in sorted(regions_now | {v.region for v in verdicts.values()})

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from daemon.clock import Clock
 from daemon.core.samples import Sample
 from daemon.fly.models import Machine
+from daemon.sources.fleet import in_group
 from daemon.sources.prometheus import MetricSourceError, PromQL
 from daemon.sources.scrape import Scraper, ScrapeSpec
 from daemon.telemetry.metrics import SourceMetrics
@@ -38,6 +39,7 @@ class MetricSpec:
     name: str  # the policy's name for it, e.g. "inflight"
     source: ScrapeSpec | PromQuerySpec | MachineCountSpec
     max_age: float = 30.0  # seconds after which a sample is stale, hence missing
+    process_group: str = "app"
 
     @property
     def kind(self) -> str:
@@ -46,12 +48,11 @@ class MetricSpec:
         return "promql" if isinstance(self.source, PromQuerySpec) else "machines"
 
 
-def machine_counts(machines: Iterable[Machine]) -> dict[str, Counter[str]]:
-    """Machines by region and state (destroyed ones left out)."""
+def machine_counts(machines: Iterable[Machine], process_group: str = "app") -> dict[str, Counter[str]]:
+    """Machines of the process group by region and state (canaries and destroyed ones left out)."""
     counts: dict[str, Counter[str]] = {}
-    for machine in machines:
-        if machine.state != "destroyed":
-            counts.setdefault(machine.region, Counter())[machine.state] += 1
+    for machine in in_group(machines, process_group):
+        counts.setdefault(machine.region, Counter())[machine.state] += 1
     return counts
 
 
@@ -94,8 +95,10 @@ class MetricWatch:
             latest.update(await self._fetch(app, machines, wanted, spec))
         except MetricSourceError as exc:
             error = str(exc)
-            if self._metrics is not None:
-                self._metrics.errors.labels(app, spec.kind).inc()
+        except Exception as exc:  # noqa: BLE001 - a reading that cannot be made is missing data, not a crash
+            error = f"{type(exc).__name__}: {exc}"
+        if error and self._metrics is not None:
+            self._metrics.errors.labels(app, spec.kind).inc()
         now = self._clock.now()
         values = {
             region: value
@@ -111,7 +114,7 @@ class MetricWatch:
     ) -> dict[str, Sample]:
         source = spec.source
         if isinstance(source, ScrapeSpec):
-            result = await self._scraper.scrape(app, machines, source)
+            result = await self._scraper.scrape(app, machines, source, spec.process_group)
             if result.errors and self._metrics is not None:
                 self._metrics.errors.labels(app, "scrape").inc(len(result.errors))
             if not result.regions and result.errors:
@@ -124,8 +127,12 @@ class MetricWatch:
                     "no Prometheus is configured (FLYWATCH_PROMETHEUS_URL or FLYWATCH_ORG)"
                 )
             return await self._promql.per_region(source.query, regions, source.label)
+        if not machines:
+            # Fly's list is eventually consistent and once came back empty for a deployed app: an empty list
+            # is no evidence of zero machines
+            raise MetricSourceError("the Machines API listed no machine at all: counts are missing")
         now = self._clock.now()
-        counts = machine_counts(machines)
+        counts = machine_counts(machines, spec.process_group)
         return {
             region: Sample(float(counts.get(region, Counter())[source.state]), now, "machines")
             for region in regions

@@ -17,6 +17,7 @@ import aiohttp
 
 from daemon.clock import Clock
 from daemon.core.health import ProbeConditions, ProbeOutcome, ProbeResult, judge
+from daemon.sources.http import describe, new_session, read_body
 
 _MAX_BODY = 64 * 1024
 
@@ -48,8 +49,7 @@ class Prober:
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
-            connector = aiohttp.TCPConnector(force_close=True, limit=0, ttl_dns_cache=60)
-            self._session = aiohttp.ClientSession(connector=connector, auto_decompress=True)
+            self._session = new_session()
         return self._session
 
     async def aclose(self) -> None:
@@ -58,27 +58,26 @@ class Prober:
 
     async def observe(self, target: ProbeTarget, timeout: float | None = None) -> ProbeOutcome:
         """One probe: what answered, how fast; or what went wrong. Never raises."""
-        at = self._clock.now()
-        started = time.perf_counter()
-        limit = aiohttp.ClientTimeout(total=timeout or self._timeout)
-        try:
-            async with (
-                self._slots,
-                self._client().get(
-                    target.url, headers=dict(target.headers), timeout=limit, allow_redirects=False
-                ) as r,
-            ):
-                body = (await r.content.read(_MAX_BODY)).decode("utf-8", errors="replace")
-                return ProbeOutcome(at=at, latency=time.perf_counter() - started, status=r.status, body=body)
-        except TimeoutError:
-            error = f"timeout after {timeout or self._timeout:g}s"
-        except aiohttp.ClientConnectorError as exc:
-            error = f"cannot connect: {exc.os_error.strerror if exc.os_error else exc}"
-        except aiohttp.ServerDisconnectedError:
-            error = "disconnected before answering"
-        except aiohttp.ClientError as exc:
-            error = f"{type(exc).__name__}: {exc}"
-        return ProbeOutcome(at=at, latency=time.perf_counter() - started, error=error)
+        limit = timeout or self._timeout
+        async with self._slots:  # the clock starts once the probe really goes out, not while it queues
+            at = self._clock.now()
+            started = time.perf_counter()
+            try:
+                async with self._client().get(
+                    target.url,
+                    headers=dict(target.headers),
+                    timeout=aiohttp.ClientTimeout(total=limit),
+                    allow_redirects=False,
+                ) as response:
+                    body = await read_body(response, _MAX_BODY, truncate=True)
+                    return ProbeOutcome(
+                        at=at,
+                        latency=time.perf_counter() - started,
+                        status=response.status,
+                        body=body.decode("utf-8", errors="replace"),
+                    )
+            except (TimeoutError, aiohttp.ClientError) as exc:
+                return ProbeOutcome(at=at, latency=time.perf_counter() - started, error=describe(exc, limit))
 
     async def probe(
         self, target: ProbeTarget, conditions: ProbeConditions, timeout: float | None = None

@@ -2,7 +2,11 @@
 
 Per-region values come from either one query per region with a `{region}` placeholder, or one query whose
 result is grouped by the `region` label. An error, a timeout or an empty result is missing data (an
-exception, or an absent region), never zero.
+exception, or an absent region), never zero; so is a NaN or an infinity, per series.
+
+Freshness: a sample's time is the query's evaluation time. How old the data behind it may be is Prometheus's
+to say: a target that stops answering has its series marked stale at once, and nothing older than the
+server's lookback (5 minutes by default) is ever returned.
 """
 
 from __future__ import annotations
@@ -35,11 +39,30 @@ def default_url(org: str) -> str:
     return FLY_PROMETHEUS.format(org=org)
 
 
-def _value(raw: str) -> float:
-    value = float(raw)
-    if math.isnan(value):
-        raise MetricSourceError("the query returned NaN")
-    return value
+def _value(raw: object) -> float | None:
+    """A sample value, or None when it is no usable number (NaN, infinite, or not a number at all)."""
+    try:
+        value = float(str(raw))
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
+
+
+def _series(item: object, matrix: bool) -> Series:
+    """One series of a result, checked: a malformed answer is a MetricSourceError, never a KeyError."""
+    if not isinstance(item, dict) or not isinstance(item.get("metric"), dict):
+        raise MetricSourceError(f"malformed series in the answer: {item!r:.100}")
+    raw_points = item.get("values") if matrix else [item.get("value")]
+    if not isinstance(raw_points, list):
+        raise MetricSourceError(f"malformed series in the answer: {item!r:.100}")
+    points = []
+    for point in raw_points:
+        if not isinstance(point, list) or len(point) != 2:
+            raise MetricSourceError(f"malformed sample in the answer: {point!r:.100}")
+        value = _value(point[1])
+        if value is not None:  # a NaN or an infinity is no data for this series, not an error for all
+            points.append((float(point[0]), value))
+    return Series({str(k): str(v) for k, v in item["metric"].items()}, tuple(points))
 
 
 class PromQL:
@@ -70,12 +93,14 @@ class PromQL:
             response = await self._http.get(path, params=params)
         except httpx.TimeoutException:
             raise MetricSourceError(f"Prometheus at {self._url} did not answer in time") from None
-        except httpx.TransportError as exc:
+        except httpx.HTTPError as exc:
             raise MetricSourceError(f"cannot reach Prometheus at {self._url}: {type(exc).__name__}") from None
         try:
             body = response.json()
         except ValueError:
             raise MetricSourceError(f"Prometheus answered {response.status_code} without JSON") from None
+        if not isinstance(body, dict):
+            raise MetricSourceError(f"Prometheus answered {response.status_code} with an unexpected body")
         if response.status_code != 200 or body.get("status") != "success":
             error = body.get("error") or response.reason_phrase
             raise MetricSourceError(f"Prometheus refused the query ({response.status_code}): {error}")
@@ -90,13 +115,10 @@ class PromQL:
         data = await self._get("/api/v1/query", params)
         kind, result = data.get("resultType"), data.get("result")
         if kind == "scalar" and isinstance(result, list):
-            return [Series({}, ((float(result[0]), _value(result[1])),))]
+            return [s for s in [_series({"metric": {}, "value": result}, matrix=False)] if s.points]
         if kind != "vector" or not isinstance(result, list):
             raise MetricSourceError(f"expected an instant vector, got {kind}")
-        return [
-            Series(dict(item["metric"]), ((float(item["value"][0]), _value(item["value"][1])),))
-            for item in result
-        ]
+        return [s for s in (_series(item, matrix=False) for item in result) if s.points]
 
     async def range(self, query: str, start: float, end: float, step: float) -> list[Series]:
         """A range query, for analysis windows."""
@@ -105,10 +127,7 @@ class PromQL:
         result = data.get("result")
         if data.get("resultType") != "matrix" or not isinstance(result, list):
             raise MetricSourceError(f"expected a range vector, got {data.get('resultType')}")
-        return [
-            Series(dict(item["metric"]), tuple((float(t), float(v)) for t, v in item["values"]))
-            for item in result
-        ]
+        return [_series(item, matrix=True) for item in result]
 
     async def per_region(
         self, query: str, regions: Iterable[str], label: str = "region"

@@ -9,6 +9,7 @@ missing, never zero.
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -18,6 +19,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from daemon.clock import Clock
 from daemon.core.samples import Aggregate, Sample, by_region, counter_rate
 from daemon.fly.models import Machine
+from daemon.sources.fleet import in_group
+from daemon.sources.http import describe, new_session, read_body
 from daemon.sources.probes import probe_url
 
 _MAX_PAGE = 4 * 1024 * 1024
@@ -31,6 +34,9 @@ class ScrapeSpec:
     labels: Mapping[str, str] = field(default_factory=dict)  # only samples with these label values
     aggregate: Aggregate = Aggregate.SUM
     timeout: float = 2.0
+    # share of a region's started machines that must be read for the region to have a value: a sum over
+    # part of a region is an undercount, and an undercount reads as less load than there is
+    min_coverage: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -39,6 +45,7 @@ class ScrapeResult:
     machines: dict[str, float]  # the value (or rate) per machine that was read
     errors: dict[str, str]  # why a machine was not read, by machine id
     counter: bool = False
+    coverage: dict[str, float] = field(default_factory=dict)  # share of each region's machines read
 
 
 def extract(page: str, spec: ScrapeSpec) -> tuple[float, bool] | None:
@@ -48,6 +55,8 @@ def extract(page: str, spec: ScrapeSpec) -> tuple[float, bool] | None:
         for sample in family.samples:
             if sample.name != spec.name or any(sample.labels.get(k) != v for k, v in spec.labels.items()):
                 continue
+            if not math.isfinite(sample.value):
+                raise ValueError(f"{spec.name} is {sample.value}")
             total += sample.value
             found = True
             counter = counter or family.type == "counter"
@@ -62,7 +71,7 @@ class Scraper:
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True, limit=0))
+            self._session = new_session()
         return self._session
 
     async def aclose(self) -> None:
@@ -70,26 +79,28 @@ class Scraper:
             await self._session.close()
 
     async def _read(self, url: str, timeout: float) -> str:
-        limit = aiohttp.ClientTimeout(total=timeout)
-        async with self._client().get(url, timeout=limit) as response:
+        async with self._client().get(url, timeout=aiohttp.ClientTimeout(total=timeout)) as response:
             if response.status != 200:
                 raise ValueError(f"status {response.status}")
-            return (await response.content.read(_MAX_PAGE)).decode("utf-8", errors="replace")
+            return (await read_body(response, _MAX_PAGE)).decode("utf-8", errors="replace")
 
-    async def scrape(self, app: str, machines: Iterable[Machine], spec: ScrapeSpec) -> ScrapeResult:
+    async def scrape(
+        self, app: str, machines: Iterable[Machine], spec: ScrapeSpec, process_group: str = "app"
+    ) -> ScrapeResult:
         """Read every started, reachable machine's page once; aggregate the metric per region."""
-        targets = [m for m in machines if m.state == "started" and m.host_status == "ok"]
+        started = [m for m in in_group(machines, process_group) if m.state == "started"]
+        targets = [m for m in started if m.host_status == "ok"]
         pages = await asyncio.gather(
             *(self._read(probe_url(m.private_ip, spec.port, spec.path), spec.timeout) for m in targets),
             return_exceptions=True,
         )
         now = self._clock.now()
         values: dict[str, float] = {}
-        errors: dict[str, str] = {}
+        errors: dict[str, str] = {m.id: "host unreachable" for m in started if m.host_status != "ok"}
         counter = False
         for machine, page in zip(targets, pages, strict=True):
             if isinstance(page, BaseException):
-                errors[machine.id] = _describe(page)
+                errors[machine.id] = describe(page, spec.timeout)
                 continue
             try:
                 found = extract(page, spec)
@@ -113,15 +124,13 @@ class Scraper:
         live = {m.id for m in targets}
         for key in [k for k in self._previous if k[0] == app and k[1] not in live]:
             del self._previous[key]  # a machine that is gone starts afresh
-        regions = {m.id: m.region for m in targets}
-        aggregated = by_region(values, regions, spec.aggregate)
+        coverage: dict[str, float] = {}
+        for region in {m.region for m in started}:
+            in_region = [m.id for m in started if m.region == region]
+            coverage[region] = sum(1 for mid in in_region if mid in values) / len(in_region)
+        regions_of = {m.id: m.region for m in started if coverage[m.region] >= spec.min_coverage}
+        aggregated = by_region(values, regions_of, spec.aggregate)
         samples = {region: Sample(value, now, f"scrape:{spec.name}") for region, value in aggregated.items()}
-        return ScrapeResult(regions=samples, machines=values, errors=errors, counter=counter)
-
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, TimeoutError):
-        return "timeout"
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        return f"cannot connect: {exc.os_error.strerror if exc.os_error else exc}"
-    return f"{type(exc).__name__}: {exc}"
+        return ScrapeResult(
+            regions=samples, machines=values, errors=errors, counter=counter, coverage=coverage
+        )

@@ -134,7 +134,7 @@ def mv(
         ([mv(U), mv(U)], RegionState.DOWN),
         ([mv(U, unreachable=True), mv(U, unreachable=True)], RegionState.DOWN),
         ([mv(X), mv(X)], RegionState.UNKNOWN),
-        ([mv(X), mv(U)], RegionState.DOWN),
+        ([mv(X), mv(U)], RegionState.UNKNOWN),  # not all judged yet: too little to call it down
         ([mv(H), mv(X)], RegionState.HEALTHY),
         ([], RegionState.UNKNOWN),
     ],
@@ -177,3 +177,14 @@ def test_wrong_answers_everywhere_are_believed() -> None:
     """Every region answering 500 is a real (bad release) failure, not a connectivity doubt."""
     regions = {"shop": {r: region_health(r, [mv(U, no_answer=False)]) for r in ("iad", "cdg")}}
     assert {h.state for h in with_doubt(regions)["shop"].values()} == {RegionState.DOWN}
+
+
+def test_a_stale_history_starts_afresh() -> None:
+    """After a gap longer than stale_after, old failures do not count toward the next verdict."""
+    state = MachineHealth()
+    for at in (0.0, 1.0):
+        state = step(state, judge(ProbeOutcome(at, 0.01, 500), ProbeConditions()), RULES)
+    assert state.verdict is U
+    state = step(state, judge(ProbeOutcome(100.0, 0.01, 500), ProbeConditions()), RULES)
+    assert state.verdict is X  # one failure after the gap: not yet unhealthy again
+    assert state.failures == 1

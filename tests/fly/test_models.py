@@ -124,10 +124,10 @@ def test_release_version_and_process_group(metadata: dict[str, str], version: in
 
 
 def test_has_volume() -> None:
-    """A machine with a mounted volume says so; one without mounts does not."""
+    """A mounted volume shows; no mounts, no volume; no config at all: assume a volume."""
     assert machine(config=copy.deepcopy(FLY_CONFIG)).has_volume
     assert not machine(config={"image": "x"}).has_volume
-    assert not machine().has_volume
+    assert machine().has_volume  # nothing to tell by: assume a volume, so that nothing is ever destroyed
 
 
 @pytest.mark.parametrize(
@@ -165,3 +165,35 @@ def test_in_place_edits_of_unread_fields_are_sent() -> None:
     config.metadata["owner"] = "team"
     assert config.to_api() == {"image": "a:b", "x_future": 1, "metadata": {"owner": "team"}}
     assert MachineConfig.model_validate({"image": "a:b"}).to_api() == {"image": "a:b"}
+
+
+def test_nulls_read_as_absent() -> None:
+    """Fly's nulls for empty lists and maps keep the fields' defaults instead of failing validation."""
+    machine = Machine.model_validate(
+        {
+            "id": "m",
+            "config": {"image": "a", "metadata": None, "services": None, "checks": None},
+            "checks": None,
+        }
+    )
+    assert machine.config is not None
+    assert machine.config.metadata == {}
+    assert machine.checks == []
+    assert machine.host_status == "unknown"  # not reported: not "ok"
+
+
+def test_checks_that_do_not_speak_of_health_are_left_out() -> None:
+    """Informational checks and Fly's own bg_deployments checks do not make a machine unhealthy."""
+    machine = Machine.model_validate(
+        {
+            "id": "m",
+            "config": {"image": "a", "checks": {"info": {"kind": "informational"}, "web": {"type": "http"}}},
+            "checks": [
+                {"name": "info", "status": "critical"},
+                {"name": "bg_deployments_compat", "status": "critical"},
+                {"name": "web", "status": "passing"},
+            ],
+        }
+    )
+    assert machine.checks_passing is True
+    assert machine.declares_checks

@@ -3,6 +3,7 @@ scraping the simulator's fleet. Missing data is never zero."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from prometheus_client import CollectorRegistry
 from daemon.clock import ManualClock, SystemClock
 from daemon.core.samples import Aggregate
 from daemon.fly.client import NO_BACKOFF, MachinesClient
+from daemon.fly.models import Machine
 from daemon.sim.server import SimServer
 from daemon.sources.metrics import MachineCountSpec, MetricSpec, MetricWatch, PromQuerySpec, machine_counts
 from daemon.sources.prometheus import MetricSourceError, PromQL
@@ -259,3 +261,118 @@ async def test_metric_watch_machine_counts_and_unconfigured_promql(
         assert "no Prometheus is configured" in unconfigured.error
     finally:
         await scraper.aclose()
+
+
+async def test_a_page_in_pieces_is_read_whole() -> None:
+    """A /metrics page that arrives in several pieces is read to its end, not cut at the first piece."""
+    from aiohttp import web  # noqa: PLC0415 - only this test serves pages
+
+    async def page(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/plain"})
+        await response.prepare(request)
+        await response.write(b"# TYPE app_inflight gauge\napp_inflight 1")
+        await asyncio.sleep(0.05)  # the second piece comes later, as on a real network
+        await response.write(b"23\n")
+        await response.write_eof()
+        return response
+
+    app = web.Application()
+    app.router.add_get("/metrics", page)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    site = web.TCPSite(runner, "127.0.0.1", port)
+    await site.start()
+    scraper = Scraper(SystemClock())
+    try:
+        machine = Machine.model_validate(
+            {
+                "id": "m1",
+                "state": "started",
+                "region": "iad",
+                "private_ip": "127.0.0.1",
+                "host_status": "ok",
+                "config": {"image": "a", "metadata": {"fly_process_group": "app"}},
+            }
+        )
+        result = await scraper.scrape("shop", [machine], ScrapeSpec(name="app_inflight", port=port))
+        assert result.machines == {"m1": 123.0}
+    finally:
+        await scraper.aclose()
+        await runner.cleanup()
+
+
+async def test_a_region_read_in_part_is_missing(
+    control: httpx.AsyncClient, api: httpx.AsyncClient, fly: MachinesClient
+) -> None:
+    """A sum over part of a region would undercount its load: with a machine unread, the region is missing."""
+    await make_app(control, base_latency=0.01, load={"iad": 20}, regions={"iad": 2})
+    machines = await fly.list_machines("shop")
+    await api.post(f"/apps/shop/machines/{machines[0].id}/stop")  # gone quietly: the list is from before
+    await eventually(lambda: _not_listening(control, machines[0].id))
+    scraper = Scraper(SystemClock())
+    try:
+        result = await scraper.scrape("shop", machines, INFLIGHT)
+        assert result.coverage == {"iad": 0.5}
+        assert result.regions == {}
+        half = await scraper.scrape(
+            "shop", machines, ScrapeSpec(name="app_inflight_requests", min_coverage=0.5)
+        )
+        assert set(half.regions) == {"iad"}
+    finally:
+        await scraper.aclose()
+
+
+async def _not_listening(control: httpx.AsyncClient, machine_id: str) -> bool:
+    summary = (await control.get("/apps/shop")).json()
+    return not next(m for m in summary["machines"] if m["id"] == machine_id)["listening"]
+
+
+async def test_an_empty_machine_list_is_no_count(control: httpx.AsyncClient) -> None:
+    """An empty list from the Machines API is missing data, not zero machines everywhere."""
+    scraper = Scraper(SystemClock())
+    try:
+        reading = await MetricWatch(SystemClock(), scraper).read(
+            "shop", [], ["iad"], MetricSpec("n", MachineCountSpec())
+        )
+        assert reading.values == {}
+        assert "listed no machine" in reading.error
+    finally:
+        await scraper.aclose()
+
+
+async def test_promql_infinities_and_nans_are_missing_per_series() -> None:
+    """A series whose value is NaN or infinite is missing; the other regions keep their values."""
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        result = [
+            {"metric": {"region": "iad"}, "value": [1, "5"]},
+            {"metric": {"region": "cdg"}, "value": [1, "+Inf"]},
+            {"metric": {"region": "nrt"}, "value": [1, "NaN"]},
+        ]
+        return httpx.Response(
+            200, json={"status": "success", "data": {"resultType": "vector", "result": result}}
+        )
+
+    promql = PromQL("http://prom.invalid", SystemClock(), transport=httpx.MockTransport(handler))
+    try:
+        values = await promql.per_region("sum by (region) (x)", ["iad", "cdg", "nrt"])
+        assert {region: sample.value for region, sample in values.items()} == {"iad": 5.0}
+    finally:
+        await promql.aclose()
+
+
+async def test_promql_malformed_answers_are_source_errors() -> None:
+    """An answer of the wrong shape is a MetricSourceError, never a KeyError."""
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(
+            200, json={"status": "success", "data": {"resultType": "vector", "result": [{"x": 1}]}}
+        )
+
+    promql = PromQL("http://prom.invalid", SystemClock(), transport=httpx.MockTransport(handler))
+    try:
+        with pytest.raises(MetricSourceError, match="malformed"):
+            await promql.instant("x")
+    finally:
+        await promql.aclose()
