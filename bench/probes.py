@@ -170,8 +170,8 @@ async def _run() -> dict[str, Any]:
     return {"machines": MACHINES, "rounds": ROUNDS, "flywatch": ours, "blackbox_exporter": peer}
 
 
-def run() -> dict[str, Any]:
-    return asyncio.run(_run())
+def run(repeat: int = 3) -> dict[str, Any]:
+    return {"runs": [asyncio.run(_run()) for _ in range(repeat)]}
 
 
 if __name__ == "__main__":

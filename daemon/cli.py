@@ -122,12 +122,13 @@ def _print_banner(sim: SimServer, source: str) -> None:
     print(f"flywatch sim: serving {source}", flush=True)
     print(f"  Machines API  {sim.api_url}   (Authorization: Bearer {token})")
     print(f"  control API   {sim.url}/_sim/   (apps, load, deploy, images, faults, counters)")
+    print("  e.g. curl -H 'Authorization: Bearer " + token + f"' '{sim.api_url}/apps?org_slug=personal'")
     for app in sim.platform.apps.values():
         print(f"  app {app.name}: load {app.load or {}} rps")
         for machine in app.machines.values():
             address = f"http://{machine.private_ip}:{machine.internal_port()}"
-            print(
-                f"    {machine.id}  {machine.region}  {machine.state:<9} {address}{machine.health_path()}"
-                f"  {address}/metrics"
+            urls = (
+                f"{address}{machine.health_path()}  {address}/metrics" if machine.state == "started" else ""
             )
+            print(f"    {machine.id}  {machine.region}  {machine.state:<9} {urls}".rstrip())
     print("  Ctrl-C stops it.", flush=True)

@@ -95,6 +95,8 @@ class ManualClock:
 
     async def advance(self, seconds: float) -> None:
         """Move time forward by `seconds`, firing each due timer at its own instant."""
+        if seconds < 0:
+            raise ValueError(f"time does not go back: advance({seconds})")
         target = self._now + seconds
         await self.settle()
         while self._timers and self._timers[0][0] <= target:

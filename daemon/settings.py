@@ -6,6 +6,7 @@ The token is a SecretStr: its repr is masked, so printing or logging the setting
 from __future__ import annotations
 
 import os
+from urllib.parse import urlsplit
 
 from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -28,6 +29,7 @@ class Settings(BaseSettings):
     dry_run: bool = False
     org: str | None = None  # the Fly organization (its managed Prometheus lives under it)
     prometheus_url: str | None = None  # default: Fly's managed Prometheus for `org`
+    prometheus_token: SecretStr | None = None  # for a Prometheus of your own; Fly's takes FLY_API_TOKEN
 
     @property
     def effective_prometheus_url(self) -> str | None:
@@ -35,3 +37,13 @@ class Settings(BaseSettings):
         if self.prometheus_url:
             return self.prometheus_url
         return f"https://api.fly.io/prometheus/{self.org}" if self.org else None
+
+    def prometheus_credential(self) -> str | None:
+        """FLYWATCH_PROMETHEUS_TOKEN if set; else the Fly token, but only for Fly's own hosts: a Prometheus
+        elsewhere is never handed the token that can change production."""
+        if self.prometheus_token is not None:
+            return self.prometheus_token.get_secret_value()
+        host = urlsplit(self.effective_prometheus_url or "").hostname or ""
+        if self.fly_api_token is not None and (host == "fly.io" or host.endswith(".fly.io")):
+            return self.fly_api_token.get_secret_value()
+        return None

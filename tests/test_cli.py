@@ -301,3 +301,23 @@ def test_module_entry_point() -> None:
     bare = run_flywatch()
     assert bare.returncode == 2
     assert "usage: flywatch" in bare.stderr
+
+
+def test_the_example_scenario_in_config_builds() -> None:
+    """config/sim-scenario.example.yaml, which documents every key, is a valid scenario."""
+    import asyncio  # noqa: PLC0415
+    from pathlib import Path  # noqa: PLC0415
+
+    from daemon.sim.server import SimServer, read_scenario, settings_from  # noqa: PLC0415
+
+    path = Path(__file__).resolve().parents[1] / "config" / "sim-scenario.example.yaml"
+    scenario, source = read_scenario(path)
+    settings = settings_from(scenario, source)
+    assert settings.tokens["deployer-token"] == "deploy@tokens.fly.io"
+
+    async def build() -> dict[str, int]:
+        async with SimServer(settings) as sim:
+            await sim.load_scenario(scenario, source)
+            return {name: len(app.machines) for name, app in sim.platform.apps.items()}
+
+    assert asyncio.run(build()) == {"shop": 7, "api": 4}

@@ -46,3 +46,16 @@ def test_prometheus_url_defaults_to_fly_managed_prometheus(monkeypatch: pytest.M
     assert Settings(_env_file=None).effective_prometheus_url == "https://api.fly.io/prometheus/acme"  # type: ignore[call-arg]
     monkeypatch.setenv("FLYWATCH_PROMETHEUS_URL", "http://prom:9090")
     assert Settings(_env_file=None).effective_prometheus_url == "http://prom:9090"  # type: ignore[call-arg]
+
+
+def test_the_fly_token_goes_only_to_fly_hosts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fly's managed Prometheus gets FLY_API_TOKEN; any other Prometheus only FLYWATCH_PROMETHEUS_TOKEN."""
+    monkeypatch.setenv("FLY_API_TOKEN", "fly-secret")
+    monkeypatch.setenv("FLYWATCH_ORG", "acme")
+    monkeypatch.delenv("FLYWATCH_PROMETHEUS_URL", raising=False)
+    monkeypatch.delenv("FLYWATCH_PROMETHEUS_TOKEN", raising=False)
+    assert Settings(_env_file=None).prometheus_credential() == "fly-secret"  # type: ignore[call-arg]
+    monkeypatch.setenv("FLYWATCH_PROMETHEUS_URL", "https://prom.example.com")
+    assert Settings(_env_file=None).prometheus_credential() is None  # type: ignore[call-arg]
+    monkeypatch.setenv("FLYWATCH_PROMETHEUS_TOKEN", "own")
+    assert Settings(_env_file=None).prometheus_credential() == "own"  # type: ignore[call-arg]

@@ -21,6 +21,7 @@ import random
 import secrets
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, Self, TypeVar
 
 import httpx
@@ -75,7 +76,8 @@ def _retry_after(response: httpx.Response | None) -> float | None:
         pass
     with contextlib.suppress(TypeError, ValueError):
         when = email.utils.parsedate_to_datetime(raw)
-        date = email.utils.parsedate_to_datetime(response.headers.get("Date", raw))
+        sent = response.headers.get("Date")
+        date = email.utils.parsedate_to_datetime(sent) if sent else datetime.now(UTC)
         return min(max((when - date).total_seconds(), 0.0), _MAX_RETRY_AFTER)
     return None
 
@@ -134,12 +136,14 @@ def _error_from(endpoint: str, response: httpx.Response, masked: Iterable[str] =
     except ValueError:
         body = None
     if isinstance(body, dict):
-        message = str(body.get("message") or body.get("error") or response.reason_phrase)
+        message = str(body.get("message") or body.get("error") or response.reason_phrase)[:500]
         capacity = body.get("status") == "insufficient_capacity"
     else:
-        message = response.text.strip()[:200] or response.reason_phrase
-    for secret in masked:
+        message = response.text.strip() or response.reason_phrase
+    for secret in masked:  # masked before it is cut: a cut could leave part of a secret unmatched
         message = message.replace(secret, "[redacted]")
+    if len(message) > 200:
+        message = message[:200] + "..."
     return errors.error_for(endpoint, response.status_code, message, request_id, capacity=capacity)
 
 
@@ -597,7 +601,7 @@ class MachinesClient:
     async def list_events(self, app: str, machine_id: str, *, limit: int = 20) -> list[MachineEvent]:
         path = f"/apps/{app}/machines/{machine_id}/events"
         response = await self._call(
-            "Machines_list_events", "GET", path, scope=machine_id, params={"limit": limit}
+            "Machines_list_events", "GET", path, scope=machine_id, params={"limit": min(max(limit, 1), 50)}
         )
         return _parsed_list("Machines_list_events", response, MachineEvent)
 

@@ -50,7 +50,7 @@ class MachineConfig(FlyModel):
 
     def copy_with(self, **changes: Any) -> MachineConfig:
         """A deep copy with some fields replaced (they count as set, so they are sent)."""
-        data = self.model_dump(mode="json", exclude_unset=True)
+        data = self.to_api()
         data.update(changes)
         return MachineConfig.model_validate(data)
 

@@ -116,11 +116,35 @@ class Control:
             web.get("/_sim/counters", self.get_counters),
             web.delete("/_sim/counters", self.reset_counters),
             web.get("/_sim/health", self.health),
+            web.get("/_sim", self.index),
+            web.get("/_sim/", self.index),
             web.route("*", "/_sim/{tail:.*}", self.unknown),
         ]
 
     async def unknown(self, request: web.Request) -> web.Response:
         raise ApiError(404, f"no such control endpoint: {request.method} {request.path}")
+
+    async def index(self, _request: web.Request) -> web.Response:
+        """What the control API offers (the README documents each call)."""
+        return json_response({"endpoints": list(self.ENDPOINTS), "docs": "README.md, section 'Control API'"})
+
+    ENDPOINTS = (
+        "GET /_sim/apps",
+        "POST /_sim/apps",
+        "GET /_sim/apps/{app}",
+        "PUT /_sim/apps/{app}/load",
+        "POST /_sim/apps/{app}/deploy",
+        "GET /_sim/apps/{app}/releases",
+        "GET /_sim/images",
+        "POST /_sim/images",
+        "GET /_sim/faults",
+        "POST /_sim/faults",
+        "DELETE /_sim/faults",
+        "DELETE /_sim/faults/{id or region}",
+        "GET /_sim/counters",
+        "DELETE /_sim/counters",
+        "GET /_sim/health",
+    )
 
     async def health(self, _request: web.Request) -> web.Response:
         return json_response({"ok": True, "apps": len(self.platform.apps)})

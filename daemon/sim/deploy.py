@@ -170,6 +170,7 @@ class Deployer:
             DEPLOYER,
         )
         canary = self.platform.machine(app_name, created["id"])
+        release.machines.append(canary.id)
         try:
             await self._await_healthy(canary, request)
         except DeployFailedError as exc:

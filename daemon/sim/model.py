@@ -371,8 +371,8 @@ class Platform:
 
     def check_statuses(self, machine: Machine) -> list[Json]:
         """Fly's own checks of a started machine: passing, warning (inside its grace period) or critical."""
-        if machine.state != "started" or machine.started_at is None:
-            return []
+        if machine.state != "started" or machine.started_at is None or self.outage_for(machine) is not None:
+            return []  # Fly cannot read the checks of a machine it cannot reach
         names: list[tuple[str, Json]] = list((machine.config.get("checks") or {}).items())
         for service in machine.config.get("services") or []:
             for index, check in enumerate(service.get("checks") or []):

@@ -684,12 +684,6 @@ ERROR_CASES: dict[str, tuple[Provoke, type[errors.FlyApiError], str, int]] = {
         "Machines_wait",
         400,
     ),
-    "400 events": (
-        lambda c, _s, free, _l: c.list_events("shop", free, limit=0),
-        errors.BadRequest,
-        "Machines_list_events",
-        400,
-    ),
     "400 create": (
         lambda c, _s, _f, _l: c.create_machine("shop", MachineConfig(image=""), region="iad"),
         errors.BadRequest,

@@ -333,7 +333,6 @@ async def test_bad_deploy_requests_are_400(
 @pytest.mark.parametrize(
     ("method", "path"),
     [
-        ("GET", "/"),
         ("GET", "/nothing"),
         ("POST", "/apps/shop/scale"),
         ("PATCH", "/apps"),
@@ -387,3 +386,10 @@ async def test_bad_input_never_breaks_the_simulator(
     for probe in ("/apps", "/apps/shop", "/faults", "/images", "/counters", "/health"):
         assert (await control.get(probe)).status_code == 200, probe
     assert (await control.delete("/faults")).status_code == 200
+
+
+async def test_the_control_index_lists_its_endpoints(control: httpx.AsyncClient) -> None:
+    """GET /_sim/ answers the control API's endpoints and where they are documented."""
+    index = await control.get("/")
+    assert index.status_code == 200
+    assert "POST /_sim/faults" in index.json()["endpoints"]
