@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from daemon import __version__
 
 if TYPE_CHECKING:
+    from daemon.settings import Settings
     from daemon.sim.server import SimServer
 
 
@@ -41,6 +42,35 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"flywatch {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    run = commands.add_parser(
+        "run",
+        help="run the daemon: watch, scale and roll back the apps of the policy",
+        description="Run flywatch against the Machines API with the policy file (FLYWATCH_CONFIG).",
+    )
+    run.add_argument(
+        "--config", type=Path, help="the policy file (default: FLYWATCH_CONFIG or config/flywatch.yaml)"
+    )
+    run.add_argument(
+        "--dry-run", action="store_true", help="decide and report, change nothing (FLYWATCH_DRY_RUN)"
+    )
+
+    check = commands.add_parser("check", help="validate a policy file and summarise it")
+    check.add_argument(
+        "--config", type=Path, help="the policy file (default: FLYWATCH_CONFIG or config/flywatch.yaml)"
+    )
+
+    for name, text in (
+        ("status", "per app and region: desired, machines, health, last decision"),
+        ("explain", "an app's regions and its recent decisions, with their reasons"),
+    ):
+        view = commands.add_parser(name, help=f"show a running daemon's {text}")
+        if name == "explain":
+            view.add_argument("app", help="the app to explain")
+            view.add_argument("--limit", type=int, default=20, help="how many decisions (default 20)")
+        view.add_argument(
+            "--url", help="the daemon's address (default: from FLYWATCH_LISTEN, e.g. http://127.0.0.1:9091)"
+        )
+
     sim = commands.add_parser(
         "sim",
         help="run the offline simulator of the Fly platform (Machines API, fleet, releases, faults)",
@@ -62,9 +92,88 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "sim":
-        return _run_sim(args)
-    return 2  # pragma: no cover - argparse rejects unknown commands first
+    handlers = {"sim": _run_sim, "run": _run_daemon, "check": _check, "status": _view, "explain": _view}
+    return handlers[args.command](args)
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    from daemon.settings import Settings  # noqa: PLC0415 - pydantic-settings only for the commands that need it
+
+    overrides: dict[str, object] = {}
+    if getattr(args, "config", None) is not None:
+        overrides["config"] = args.config
+    if getattr(args, "dry_run", False):
+        overrides["dry_run"] = True
+    return Settings(**overrides)  # type: ignore[arg-type]
+
+
+def _check(args: argparse.Namespace) -> int:
+    from daemon.config import PolicyError, load_policy, summary  # noqa: PLC0415
+
+    path = _settings(args).config
+    try:
+        loaded = load_policy(path)
+    except PolicyError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return 1
+    print(f"ok: {path}")
+    for line in summary(loaded.policy):
+        print(f"  {line}")
+    return 0
+
+
+def _run_daemon(args: argparse.Namespace) -> int:
+    from daemon.app import Daemon  # noqa: PLC0415
+    from daemon.config import PolicyError  # noqa: PLC0415
+    from daemon.telemetry.logging import configure_logging, register_secret  # noqa: PLC0415
+
+    settings = _settings(args)
+    configure_logging(settings.log_format)
+    if settings.fly_api_token is not None:
+        register_secret(settings.fly_api_token.get_secret_value())
+    try:
+        return asyncio.run(Daemon(settings).run())
+    except PolicyError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"flywatch run: {exc}", file=sys.stderr)
+        return 1
+
+
+def _daemon_url(args: argparse.Namespace) -> str:
+    if args.url:
+        return str(args.url).rstrip("/")
+    listen = _settings(args).listen
+    host, _, port = listen.rpartition(":")
+    host = host.strip("[]")
+    if host in ("", "::", "0.0.0.0"):  # noqa: S104 - reading the daemon's own listen setting
+        host = "127.0.0.1"
+    return f"http://{host if ':' not in host else f'[{host}]'}:{port}"
+
+
+def _view(args: argparse.Namespace) -> int:
+    import httpx  # noqa: PLC0415
+
+    from daemon.views import render_explain, render_status  # noqa: PLC0415
+
+    url = _daemon_url(args)
+    try:
+        with httpx.Client(base_url=url, timeout=5.0) as client:
+            status = client.get("/status").raise_for_status().json()
+            if args.command == "status":
+                print(render_status(status))
+                return 0
+            decisions = client.get(
+                "/decisions", params={"app": args.app, "limit": args.limit}
+            ).raise_for_status()
+            print(render_explain(args.app, status, decisions.json()))
+            return 0
+    except httpx.HTTPError as exc:
+        print(f"flywatch {args.command}: cannot read {url}: {exc}", file=sys.stderr)
+        return 1
 
 
 def _run_sim(args: argparse.Namespace) -> int:

@@ -6,6 +6,8 @@ The token is a SecretStr: its repr is masked, so printing or logging the setting
 from __future__ import annotations
 
 import os
+from pathlib import Path
+from typing import Literal
 from urllib.parse import urlsplit
 
 from pydantic import AliasChoices, Field, SecretStr
@@ -27,6 +29,10 @@ class Settings(BaseSettings):
     )
     machines_api_url: str = Field(default_factory=_default_api_url)
     dry_run: bool = False
+    config: Path = Path("config/flywatch.yaml")  # FLYWATCH_CONFIG: the policy file
+    listen: str = "[::]:9091"  # FLYWATCH_LISTEN: /metrics, /healthz, /readyz, /status, /decisions
+    state_url: str = "sqlite:///data/flywatch.db"  # FLYWATCH_STATE_URL
+    log_format: Literal["json", "console", "auto"] = "auto"  # FLYWATCH_LOG_FORMAT
     org: str | None = None  # the Fly organization (its managed Prometheus lives under it)
     prometheus_url: str | None = None  # default: Fly's managed Prometheus for `org`
     prometheus_token: SecretStr | None = None  # for a Prometheus of your own; Fly's takes FLY_API_TOKEN

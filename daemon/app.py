@@ -1,0 +1,266 @@
+"""The composition root and the daemon's lifecycle: start, reload, graceful stop.
+
+Only this module decides that the process ends. Start: load the policy (a bad one at start is fatal: exit 1),
+open the store, build the client, watches and actuator, serve /metrics and friends, schedule one probe job
+and one reconcile job per app. Reload (SIGHUP, or the policy file changing on disk): a valid new policy
+applies between ticks; an invalid one is logged and counted, and the old one keeps running. Stop (SIGTERM,
+SIGINT): no new ticks, the ticks in flight finish (their leases are released as their actions end), then
+everything is closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter
+
+from daemon import __version__
+from daemon.actuator import Actuator
+from daemon.clock import Clock, SystemClock
+from daemon.config import LoadedPolicy, PolicyError, load_policy
+from daemon.fly.client import MachinesClient
+from daemon.reconciler import DECISIONS, Reconciler, ReconcilerMetrics
+from daemon.scheduler import Scheduler
+from daemon.settings import Settings
+from daemon.sources.health import HealthWatch
+from daemon.sources.metrics import MetricWatch
+from daemon.sources.probes import Prober
+from daemon.sources.prometheus import PromQL
+from daemon.sources.scrape import Scraper
+from daemon.store import open_store
+from daemon.store.base import Store
+from daemon.telemetry.metrics import ApiMetrics, HealthMetrics, SourceMetrics
+from daemon.telemetry.server import TelemetryServer
+
+log = logging.getLogger("flywatch")
+_STOP_GRACE = 60.0  # seconds the ticks in flight get to finish on SIGTERM
+_WATCH_EVERY = 2.0  # seconds between looks at the policy file
+
+
+class Daemon:
+    def __init__(self, settings: Settings, *, clock: Clock | None = None) -> None:
+        self.settings = settings
+        self.clock = clock or SystemClock()
+        self.registry = CollectorRegistry()
+        self.reloads = Counter(
+            "flywatch_config_reloads",
+            "Policy reloads by result (ok, error).",
+            ["result"],
+            registry=self.registry,
+        )
+        self.loaded: LoadedPolicy | None = None
+        self.policy_error = ""
+        self.loaded_at: float | None = None
+        self.started_at = self.clock.now()
+        self._stopping = asyncio.Event()
+        self._in_flight: set[asyncio.Task[Any]] = set()
+        self._scheduler = Scheduler()
+        self._closers: list[Callable[[], Awaitable[None]]] = []
+        self._watcher: asyncio.Task[None] | None = None
+        self._mtime: float | None = None
+        self.store: Store | None = None
+        self.reconciler: Reconciler | None = None
+        self.server: TelemetryServer | None = None
+
+    # ------------------------------------------------------------------ start
+
+    async def start(self) -> None:
+        self.loaded = load_policy(self.settings.config)  # a bad policy at start is fatal: PolicyError
+        self.loaded_at = self.clock.now()
+        self._mtime = _mtime(self.settings.config)
+        token = self.settings.fly_api_token.get_secret_value() if self.settings.fly_api_token else ""
+        if not token:
+            log.warning("FLY_API_TOKEN is not set: every call to the Machines API will be refused")
+        self.store = open_store(self.settings.state_url)
+        self._closers.append(self.store.close)
+        client = MachinesClient(
+            self.settings.machines_api_url, token, clock=self.clock, metrics=ApiMetrics(self.registry)
+        )
+        self._closers.append(client.aclose)
+        prober = Prober(self.clock)
+        self._closers.append(prober.aclose)
+        scraper = Scraper(self.clock)
+        self._closers.append(scraper.aclose)
+        promql = None
+        if self.settings.effective_prometheus_url:
+            promql = PromQL(
+                self.settings.effective_prometheus_url,
+                self.clock,
+                token=self.settings.prometheus_credential(),
+            )
+            self._closers.append(promql.aclose)
+        self.reconciler = Reconciler(
+            client,
+            Actuator(client, self.clock, dry_run=self.settings.dry_run),
+            HealthWatch(prober, self.clock, HealthMetrics(self.registry)),
+            MetricWatch(self.clock, scraper, promql, SourceMetrics(self.registry)),
+            self.store,
+            self.clock,
+            ReconcilerMetrics(self.registry),
+        )
+        self.server = TelemetryServer(
+            self.registry,
+            self.settings.listen,
+            alive=lambda: not self._stopping.is_set(),
+            ready=self._ready,
+            status=self.status,
+            decisions=self.decisions,
+        )
+        await self.server.start()
+        self._closers.append(self.server.stop)
+        self._schedule()
+        self._scheduler.start()
+        self._watcher = asyncio.ensure_future(self._watch_policy())
+        log.info(
+            "flywatch %s started: %d app(s), serving on %s%s",
+            __version__,
+            len(self.loaded.policy.apps),
+            self.server.url,
+            " (dry run: nothing will be changed)" if self.settings.dry_run else "",
+        )
+
+    def _schedule(self) -> None:
+        assert self.loaded is not None  # noqa: S101 - start() loads it first
+        self._scheduler.remove_all()
+        for app, policy in self.loaded.policy.apps.items():
+            self._scheduler.every(f"probe:{app}", policy.health.interval, self._job, "probe", app)
+            if policy.scaling is not None:
+                self._scheduler.every(
+                    f"reconcile:{app}", policy.scaling.interval, self._job, "reconcile", app
+                )
+
+    async def _job(self, kind: str, app: str) -> None:
+        """A scheduled tick; it reads the policy in force when it starts, and is waited for on stop."""
+        if self._stopping.is_set() or self.loaded is None or self.reconciler is None:
+            return
+        policy = self.loaded.policy.apps.get(app)
+        if policy is None:
+            return  # removed by a reload since it was scheduled
+        task = asyncio.current_task()
+        if task is not None:
+            self._in_flight.add(task)
+        try:
+            if kind == "probe":
+                await self.reconciler.probe(app, policy)
+            else:
+                await self.reconciler.reconcile(app, policy)
+        finally:
+            if task is not None:
+                self._in_flight.discard(task)
+
+    # ------------------------------------------------------------------ reload
+
+    def reload(self) -> bool:
+        """Load the policy file again; keep the old policy if the new one is not valid."""
+        try:
+            loaded = load_policy(self.settings.config)
+        except PolicyError as exc:
+            self.policy_error = "; ".join(exc.problems)
+            self.reloads.labels("error").inc()
+            log.error("policy reload rejected, the previous policy stays in force: %s", self.policy_error)  # noqa: TRY400 - the problems say it all; no traceback
+            return False
+        self.loaded = loaded
+        self.loaded_at = self.clock.now()
+        self.policy_error = ""
+        self.reloads.labels("ok").inc()
+        self._schedule()
+        log.info("policy reloaded from %s: %d app(s)", loaded.source, len(loaded.policy.apps))
+        return True
+
+    async def _watch_policy(self) -> None:
+        while not self._stopping.is_set():
+            await self.clock.sleep(_WATCH_EVERY)
+            mtime = _mtime(self.settings.config)
+            if mtime is not None and mtime != self._mtime:
+                self._mtime = mtime
+                self.reload()
+
+    # ------------------------------------------------------------------ views
+
+    def _ready(self) -> tuple[bool, str]:
+        if self.loaded is None:
+            return False, "no policy loaded"
+        if self.reconciler is None or not self.reconciler.first_tick_done:
+            return False, "waiting for the first tick"
+        return True, ""
+
+    def status(self) -> dict[str, Any]:
+        ready, why = self._ready()
+        return {
+            "version": __version__,
+            "dry_run": self.settings.dry_run,
+            "ready": ready,
+            "ready_reason": why,
+            "started_at": self.started_at,
+            "policy": {
+                "path": str(self.settings.config),
+                "loaded_at": self.loaded_at,
+                "apps": list(self.loaded.policy.apps) if self.loaded else [],
+                "last_error": self.policy_error,
+            },
+            "apps": self.reconciler.status_json() if self.reconciler else {},
+        }
+
+    async def decisions(self, app: str | None, limit: int) -> list[dict[str, Any]]:
+        if self.store is None:
+            return []
+        entries = await self.store.read(DECISIONS, key=app, limit=limit)
+        return [entry.record for entry in entries]
+
+    # ------------------------------------------------------------------ stop
+
+    async def stop(self) -> None:
+        if self._stopping.is_set():
+            return
+        self._stopping.set()
+        log.info("stopping: waiting for %d tick(s) in flight", len(self._in_flight))
+        self._scheduler.shutdown()
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
+        if self._in_flight:
+            _, pending = await asyncio.wait(list(self._in_flight), timeout=_STOP_GRACE)
+            for task in pending:
+                task.cancel()
+        for close in reversed(self._closers):
+            try:
+                await close()
+            except Exception:
+                log.exception("error while closing")
+        log.info("stopped")
+
+    async def run(self) -> int:
+        """Run until SIGTERM or SIGINT; SIGHUP reloads the policy. The exit code."""
+        loop = asyncio.get_running_loop()
+        done = asyncio.Event()
+        installed = []
+        for sig, handler in (
+            (signal.SIGTERM, done.set),
+            (signal.SIGINT, done.set),
+            (signal.SIGHUP, self.reload),
+        ):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, handler)
+                installed.append(sig)
+        try:
+            await self.start()
+            await done.wait()
+            return 0
+        finally:
+            await self.stop()
+            for sig in installed:
+                loop.remove_signal_handler(sig)
+
+
+def _mtime(path: Path) -> float | None:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return None

@@ -1,0 +1,418 @@
+"""One tick for one app: observe (one snapshot, one `now`) -> decide (core/scaling.py) -> act (actuator)
+-> record (state store, one `decision` log event, metrics, the /status view).
+
+A failing tick is logged and counted, and the next one tries again; nothing here ever stops the daemon.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Gauge, Histogram
+from prometheus_client import Counter as PromCounter
+
+from daemon.actuator import Actuator
+from daemon.clock import Clock
+from daemon.config import AppPolicy, ScalingPolicy
+from daemon.core.health import Hysteresis, ProbeConditions
+from daemon.core.plan import Action, ActionResult, ScaleDown, ScaleDownMode, ScaleUp
+from daemon.core.samples import Aggregate
+from daemon.core.scaling import (
+    HOLD,
+    SCALE_DOWN,
+    SCALE_UP,
+    Bounds,
+    Decision,
+    Direction,
+    Memory,
+    RegionInput,
+    Rules,
+    ScheduleWindow,
+    after_action,
+    decide,
+)
+from daemon.fly.client import MachinesClient
+from daemon.fly.models import Machine
+from daemon.sources.fleet import in_group
+from daemon.sources.health import AppHealth, HealthSpec, HealthWatch
+from daemon.sources.metrics import MachineCountSpec, MetricSpec, MetricWatch, PromQuerySpec, machine_counts
+from daemon.sources.scrape import ScrapeSpec
+from daemon.store.base import Store
+
+log = logging.getLogger("flywatch.reconciler")
+SCALING = "scaling"
+DECISIONS = "decisions"
+RELEASES_SEEN = "release_seen"
+
+
+class ReconcilerMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.desired = Gauge(
+            "flywatch_desired_machines",
+            "Machines the policy wants per region.",
+            ["app", "region"],
+            registry=registry,
+        )
+        self.machines = Gauge(
+            "flywatch_machines",
+            "Machines of the process group by region and state.",
+            ["app", "region", "state"],
+            registry=registry,
+        )
+        self.actions = PromCounter(
+            "flywatch_scaling_actions",
+            "Scaling actions by result (done, skipped, failed, dry_run).",
+            ["app", "region", "action", "result"],
+            registry=registry,
+        )
+        self.tick_duration = Histogram(
+            "flywatch_tick_duration_seconds",
+            "Time one job's tick took.",
+            ["job"],
+            registry=registry,
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0),
+        )
+        self.last_tick = Gauge(
+            "flywatch_last_tick_timestamp_seconds",
+            "When each app's job last finished a tick.",
+            ["app", "job"],
+            registry=registry,
+        )
+        self.tick_errors = PromCounter(
+            "flywatch_tick_errors", "Ticks that failed, by app and job.", ["app", "job"], registry=registry
+        )
+
+
+def health_spec(policy: AppPolicy) -> HealthSpec:
+    health = policy.health
+    json_field = (health.json_field.path, health.json_field.equals) if health.json_field else None
+    return HealthSpec(
+        port=health.port,
+        path=health.path,
+        headers=dict(health.headers),
+        timeout=health.timeout,
+        conditions=ProbeConditions(
+            expect_status=frozenset(health.expect_status),
+            max_latency=health.max_latency,
+            body_contains=health.body_contains,
+            json_field=json_field,
+        ),
+        rules=Hysteresis(
+            unhealthy_after=health.unhealthy_after,
+            healthy_after=health.healthy_after,
+            stale_after=max(3 * health.interval, 10.0),
+        ),
+        process_group=policy.process_group,
+    )
+
+
+def metric_spec(scaling: ScalingPolicy, process_group: str) -> MetricSpec:
+    metric = scaling.metric
+    source: ScrapeSpec | PromQuerySpec | MachineCountSpec
+    if metric.scrape is not None:
+        scrape = metric.scrape
+        source = ScrapeSpec(
+            name=scrape.name,
+            port=scrape.port,
+            path=scrape.path,
+            labels=dict(scrape.labels),
+            aggregate=Aggregate(scrape.aggregate),
+            timeout=min(scaling.interval, 5.0),
+            min_coverage=scrape.min_coverage,
+        )
+        name = scrape.name
+    elif metric.promql is not None:
+        source, name = PromQuerySpec(metric.promql), "promql"
+    else:
+        state = metric.machines.state if metric.machines else "started"
+        source, name = MachineCountSpec(state), f"machines_{state}"
+    return MetricSpec(name=name, source=source, max_age=scaling.metric_max_age, process_group=process_group)
+
+
+def rules_of(scaling: ScalingPolicy) -> Rules:
+    return Rules(
+        target_per_machine=scaling.target_per_machine,
+        tolerance=scaling.tolerance,
+        up=Direction(scaling.scale_up.stabilization, scaling.scale_up.cooldown, scaling.scale_up.max_step),
+        down=Direction(
+            scaling.scale_down.stabilization, scaling.scale_down.cooldown, scaling.scale_down.max_step
+        ),
+        on_missing_metric=scaling.on_missing_metric,
+        schedules=tuple(
+            ScheduleWindow(
+                cron=s.cron,
+                duration=s.duration,
+                timezone=s.timezone,
+                regions={region: (b.min, b.max) for region, b in s.regions.items()},
+            )
+            for s in scaling.schedules
+        ),
+    )
+
+
+def release_activity(machines: list[Machine], first_seen: float | None, now: float, bake: float) -> str:
+    """Why a release is rolling out or baking now ("" if none): mixed release versions, or the newest one
+    first seen less than `bake` seconds ago."""
+    versions = {m.release_version for m in machines if m.release_version is not None}
+    if len(versions) > 1:
+        return f"machines run releases {', '.join(str(v) for v in sorted(versions))}: a rollout is under way"
+    if any(m.state in {"replacing", "updating"} for m in machines):
+        return "machines are being replaced"
+    if versions and first_seen is not None and now - first_seen < bake:
+        return f"release {max(versions)} is baking ({now - first_seen:.0f}s of {bake:g}s)"
+    return ""
+
+
+def memory_to_json(memory: Memory) -> dict[str, Any]:
+    return {
+        "recommendations": [list(r) for r in memory.recommendations],
+        "last_scale_up": memory.last_scale_up,
+        "last_scale_down": memory.last_scale_down,
+        "last_demand": memory.last_demand,
+    }
+
+
+def memory_from_json(data: dict[str, Any] | None) -> Memory:
+    if not data:
+        return Memory()
+    return Memory(
+        recommendations=tuple((float(at), int(d)) for at, d in data.get("recommendations", [])),
+        last_scale_up=data.get("last_scale_up"),
+        last_scale_down=data.get("last_scale_down"),
+        last_demand=data.get("last_demand"),
+    )
+
+
+@dataclass
+class AppStatus:
+    last_tick: float | None = None
+    tick_error: str = ""
+    regions: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+class Reconciler:
+    def __init__(
+        self,
+        client: MachinesClient,
+        actuator: Actuator,
+        health: HealthWatch,
+        metrics_watch: MetricWatch,
+        store: Store,
+        clock: Clock,
+        metrics: ReconcilerMetrics,
+    ) -> None:
+        self._client = client
+        self._actuator = actuator
+        self._health = health
+        self._watch = metrics_watch
+        self._store = store
+        self._clock = clock
+        self._metrics = metrics
+        self.latest_health: dict[str, AppHealth] = {}
+        self.status: dict[str, AppStatus] = {}
+        self.first_tick_done = False
+
+    # ------------------------------------------------------------------ the probe job
+
+    async def probe(self, app: str, policy: AppPolicy) -> None:
+        started = time.perf_counter()
+        try:
+            machines = await self._client.list_machines(app)
+            health = await self._health.observe(app, machines, health_spec(policy))
+            self.latest_health[app] = health
+            self.latest_health.update(self._health.judge_all(self.latest_health))
+            self._metrics.last_tick.labels(app, "probe").set(self._clock.now())
+        except Exception:
+            self._metrics.tick_errors.labels(app, "probe").inc()
+            log.exception("probe tick of %s failed", app)
+        finally:
+            self._metrics.tick_duration.labels("probe").observe(time.perf_counter() - started)
+
+    # ------------------------------------------------------------------ the reconcile job
+
+    async def reconcile(self, app: str, policy: AppPolicy) -> list[Decision]:
+        """One tick of one app. Never raises: a failing tick is recorded and the next one tries again."""
+        started = time.perf_counter()
+        status = self.status.setdefault(app, AppStatus())
+        try:
+            decisions = await self._tick(app, policy, status)
+            status.tick_error = ""
+        except Exception as exc:
+            status.tick_error = f"{type(exc).__name__}: {exc}"
+            self._metrics.tick_errors.labels(app, "reconcile").inc()
+            log.exception("reconcile tick of %s failed", app)
+            decisions = []
+        finally:
+            self._metrics.tick_duration.labels("reconcile").observe(time.perf_counter() - started)
+        return decisions
+
+    async def _tick(self, app: str, policy: AppPolicy, status: AppStatus) -> list[Decision]:
+        now = self._clock.now()
+        all_machines = await self._client.list_machines(app)
+        machines = in_group(all_machines, policy.process_group)
+        counts = machine_counts(all_machines, policy.process_group)
+        health = self.latest_health.get(app)
+        regions = list(policy.regions)
+        scaling = policy.scaling
+        reading = None
+        if scaling is not None:
+            reading = await self._watch.read(
+                app, all_machines, regions, metric_spec(scaling, policy.process_group)
+            )
+        release_active = await self._release_activity(app, machines, now, policy.release.bake)
+        inputs = []
+        for region in regions:
+            region_counts = counts.get(region, Counter())
+            region_health = health.regions.get(region) if health else None
+            sample = reading.samples.get(region) if reading else None
+            inputs.append(
+                RegionInput(
+                    region=region,
+                    bounds=Bounds(policy.regions[region].min, policy.regions[region].max),
+                    started=region_counts.get("started", 0),
+                    machines=dict(region_counts),
+                    metric=reading.values.get(region) if reading else None,
+                    metric_age=sample.age(now) if sample else None,
+                    health=region_health.state.value if region_health else "unknown",
+                    health_reason=region_health.reason if region_health else "no health verdict yet",
+                )
+            )
+        decisions: list[Decision] = []
+        if scaling is not None:
+            memories = {
+                region: memory_from_json(await self._store.get(SCALING, f"{app}/{region}"))
+                for region in regions
+            }
+            decisions = decide(now, inputs, rules_of(scaling), memories, release_active=release_active)
+            results = await self._act(app, policy, scaling, decisions)
+            for decision in decisions:
+                result = results.get(decision.region)
+                memory = decision.memory
+                if result is not None and result.done_count > 0 and not result.dry_run:
+                    memory = after_action(memory, decision.action, now)
+                await self._store.put(SCALING, f"{app}/{decision.region}", memory_to_json(memory))
+                await self._record(app, now, decision, result, reading.error if reading else "")
+        self._report(app, now, status, inputs, decisions, reading.error if reading else "")
+        self.first_tick_done = True
+        return decisions
+
+    async def _release_activity(self, app: str, machines: list[Machine], now: float, bake: float) -> str:
+        newest = max((m.release_version for m in machines if m.release_version is not None), default=None)
+        if newest is None:
+            return release_activity(machines, None, now, bake)
+        seen = await self._store.get(RELEASES_SEEN, app)
+        if seen is None or seen.get("version") != newest:
+            # the first tick that sees a release starts its bake; after a restart the store remembers
+            first = now if seen is not None else now - bake  # on the very first run, assume it has baked
+            seen = {"version": newest, "first_seen": first}
+            await self._store.put(RELEASES_SEEN, app, seen)
+        return release_activity(machines, float(seen["first_seen"]), now, bake)
+
+    async def _act(
+        self, app: str, policy: AppPolicy, scaling: ScalingPolicy, decisions: list[Decision]
+    ) -> dict[str, ActionResult]:
+        plan: list[Action] = []
+        for decision in decisions:
+            reason = f"{decision.rule}: {decision.reason}"
+            if decision.action == SCALE_UP and decision.acts:
+                plan.append(ScaleUp(app, decision.region, decision.count, reason, policy.process_group))
+            elif decision.action == SCALE_DOWN and decision.acts:
+                plan.append(
+                    ScaleDown(
+                        app,
+                        decision.region,
+                        decision.count,
+                        reason,
+                        mode=ScaleDownMode(scaling.scale_down_action),
+                        min_machines=policy.regions[decision.region].min,
+                        process_group=policy.process_group,
+                    )
+                )
+        results = await self._actuator.execute(plan)
+        by_region = {result.action.region: result for result in results}
+        for result in results:
+            outcome = "dry_run" if result.dry_run else result.outcome.value
+            self._metrics.actions.labels(app, result.action.region, result.action.kind, outcome).inc()
+        return by_region
+
+    async def _record(
+        self, app: str, now: float, decision: Decision, result: ActionResult | None, metric_error: str
+    ) -> None:
+        outcome = "none" if result is None else ("dry_run" if result.dry_run else result.outcome.value)
+        record = {
+            "at": now,
+            "app": app,
+            "region": decision.region,
+            "action": decision.action,
+            "count": decision.count,
+            "from": decision.current,
+            "to": decision.current + (decision.count if decision.action == SCALE_UP else -decision.count)
+            if decision.acts
+            else decision.current,
+            "desired": decision.desired,
+            "rule": decision.rule,
+            "reason": decision.reason,
+            "outcome": outcome,
+            "result": result.reason if result is not None else "",
+            "inputs": {**dict(decision.inputs), "metric_error": metric_error},
+            "not_acting": dict(decision.not_acting),
+        }
+        await self._store.append(DECISIONS, record, at=now, key=app)
+        log.info(
+            "decision %s/%s: %s %s (%s) -> %s",
+            app,
+            decision.region,
+            decision.action,
+            decision.count,
+            decision.rule,
+            outcome,
+            extra={"decision": record},
+        )
+
+    def _report(
+        self,
+        app: str,
+        now: float,
+        status: AppStatus,
+        inputs: list[RegionInput],
+        decisions: list[Decision],
+        metric_error: str,
+    ) -> None:
+        by_region = {d.region: d for d in decisions}
+        status.last_tick = now
+        for region in inputs:
+            decision = by_region.get(region.region)
+            for state, count in region.machines.items():
+                self._metrics.machines.labels(app, region.region, state).set(count)
+            if decision is not None:
+                self._metrics.desired.labels(app, region.region).set(decision.desired)
+            status.regions[region.region] = {
+                "min": region.bounds.min,
+                "max": region.bounds.max,
+                "desired": decision.desired if decision else None,
+                "machines": dict(region.machines),
+                "health": region.health,
+                "health_reason": region.health_reason,
+                "metric": {"value": region.metric, "age": region.metric_age, "error": metric_error},
+                "last_decision": None
+                if decision is None
+                else {
+                    "at": now,
+                    "action": decision.action if decision.acts else HOLD,
+                    "count": decision.count,
+                    "rule": decision.rule,
+                    "reason": decision.reason,
+                    "not_acting": dict(decision.not_acting),
+                },
+            }
+        self._metrics.last_tick.labels(app, "reconcile").set(now)
+
+    def status_json(self) -> dict[str, Any]:
+        return {
+            app: {"last_tick": s.last_tick, "tick_error": s.tick_error, "regions": s.regions}
+            for app, s in self.status.items()
+        }
