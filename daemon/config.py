@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from collections.abc import Hashable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -55,11 +56,28 @@ def parse_duration(value: Any) -> float:
     return seconds
 
 
+def _more_than_zero(seconds: float) -> float:
+    if seconds <= 0:
+        raise ValueError("must be more than 0s")
+    return seconds
+
+
 Duration = Annotated[float, BeforeValidator(parse_duration)]
+# a check of the key alone (not a model validator), so it is reported alongside the model's other errors
+PositiveDuration = Annotated[float, BeforeValidator(parse_duration), AfterValidator(_more_than_zero)]
 
 
 class Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class KeyPathError(ValueError):
+    """A problem a model validator finds with one of its keys: `at` is that key's path below the model,
+    so the error names apps.shop.regions.iad.min (and its line), not only apps.shop.regions.iad."""
+
+    def __init__(self, message: str, *at: str | int) -> None:
+        super().__init__(message)
+        self.at = at
 
 
 def _region_code(code: str) -> str:
@@ -78,7 +96,7 @@ class RegionBounds(Model):
     @model_validator(mode="after")
     def _ordered(self) -> RegionBounds:
         if self.min > self.max:
-            raise ValueError(f"min ({self.min}) must not be above max ({self.max})")
+            raise KeyPathError(f"must not be above max ({self.max})", "min")
         return self
 
 
@@ -90,7 +108,7 @@ class JsonField(Model):
 class HealthPolicy(Model):
     port: Annotated[int, Field(ge=1, le=65535)] = 8080
     path: Annotated[str, Field(pattern=r"^/")] = "/health"
-    interval: Duration = 5.0
+    interval: PositiveDuration = 5.0
     timeout: Duration = 2.0
     headers: dict[str, str] = Field(default_factory=dict)
     expect_status: Annotated[list[Annotated[int, Field(ge=100, le=599)]], Field(min_length=1)] = [200]
@@ -102,10 +120,11 @@ class HealthPolicy(Model):
 
     @model_validator(mode="after")
     def _timeout_within_interval(self) -> HealthPolicy:
-        if self.interval <= 0:
-            raise ValueError("interval must be more than 0s")
         if not 0 < self.timeout <= self.interval:
-            raise ValueError(f"timeout ({self.timeout:g}s) must be more than 0s and at most the interval")
+            raise KeyPathError(
+                f"must be more than 0s and at most the interval ({self.interval:g}s), got {self.timeout:g}s",
+                "timeout",
+            )
         return self
 
 
@@ -146,9 +165,10 @@ class MetricPolicy(Model):
                 f"give exactly one of scrape, promql or machines (got {', '.join(given) or 'none'})"
             )
         if self.promql is not None and not promql_by_region(self.promql):
-            raise ValueError(
-                "the promql query must be grouped by region (e.g. sum by (region) (...)) "
-                "or contain a {region} placeholder"
+            raise KeyPathError(
+                "the query must be grouped by region (e.g. sum by (region) (...)) "
+                "or contain a {region} placeholder",
+                "promql",
             )
         return self
 
@@ -171,10 +191,16 @@ class ScheduleBounds(Model):
     min: Annotated[int, Field(ge=0)] | None = None
     max: Annotated[int, Field(ge=0)] | None = None
 
+    @model_validator(mode="after")
+    def _ordered(self) -> ScheduleBounds:
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise KeyPathError(f"must not be above max ({self.max})", "min")
+        return self
+
 
 class Schedule(Model):
     cron: str
-    duration: Duration
+    duration: PositiveDuration
     timezone: str = "UTC"
     regions: dict[RegionCode, ScheduleBounds]
 
@@ -194,15 +220,9 @@ class Schedule(Model):
             raise ValueError(f"unknown time zone {value!r} (use an IANA name like Europe/Paris)") from None
         return value
 
-    @model_validator(mode="after")
-    def _positive(self) -> Schedule:
-        if self.duration <= 0:
-            raise ValueError("duration must be more than 0s")
-        return self
-
 
 class ScalingPolicy(Model):
-    interval: Duration = 5.0
+    interval: PositiveDuration = 5.0
     metric: MetricPolicy
     target_per_machine: Annotated[float, Field(gt=0.0, allow_inf_nan=False)]
     tolerance: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
@@ -211,12 +231,6 @@ class ScalingPolicy(Model):
     scale_down_action: Literal["stop", "suspend", "destroy"] = "stop"
     on_missing_metric: Literal["hold", "max"] = "hold"
     schedules: list[Schedule] = Field(default_factory=list)
-
-    @model_validator(mode="after")
-    def _positive_interval(self) -> ScalingPolicy:
-        if self.interval <= 0:
-            raise ValueError("interval must be more than 0s")
-        return self
 
     @property
     def metric_max_age(self) -> float:
@@ -245,8 +259,13 @@ class AppPolicy(Model):
         for index, schedule in enumerate(self.scaling.schedules if self.scaling else []):
             stray = sorted(set(schedule.regions) - set(self.regions))
             if stray:
-                raise ValueError(
-                    f"scaling.schedules[{index}] names regions not managed here: {', '.join(stray)}"
+                raise KeyPathError(
+                    f"names regions not managed here: {', '.join(stray)}",
+                    "scaling",
+                    "schedules",
+                    index,
+                    "regions",
+                    stray[0],
                 )
         return self
 
@@ -293,7 +312,11 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode) -> dict[Any, Any]:
     seen: dict[Any, int] = {}
     for key_node, _value in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue  # `<<: *defaults`: construct_mapping merges it, and keys given here override it
         key = loader.construct_object(key_node)
+        if not isinstance(key, Hashable):
+            break  # construct_mapping reports an unhashable key with its line
         if key in seen:
             raise yaml.constructor.ConstructorError(
                 None, None, f"key {key!r} given twice (first on line {seen[key]})", key_node.start_mark
@@ -326,7 +349,7 @@ def _lines(
 class LoadedPolicy:
     policy: Policy
     source: str
-    text: str
+    text: str = field(repr=False)  # the raw document holds the webhook URLs: never in a repr or a log
 
 
 def _is_validator_step(part: Any) -> bool:
@@ -357,6 +380,9 @@ def parse_policy(text: str, source: str) -> Policy:
         problems = []
         for error in exc.errors():
             loc = tuple(p for p in error["loc"] if not _is_validator_step(p))
+            cause = error.get("ctx", {}).get("error")
+            if isinstance(cause, KeyPathError):
+                loc = (*loc, *cause.at)
             line = next((lines[loc[:n]] for n in range(len(loc), 0, -1) if loc[:n] in lines), None)
             key = (
                 "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".") or "(top level)"

@@ -296,7 +296,8 @@ class Reconciler:
                     memory = after_action(memory, decision.action, now)
                 await self._store.put(SCALING, f"{app}/{decision.region}", memory_to_json(memory))
                 await self._record(app, now, decision, result, reading.error if reading else "")
-        self._report(app, now, status, inputs, decisions, reading.error if reading else "")
+        name = metric_spec(scaling, policy.process_group).name if scaling is not None else ""
+        self._report(app, now, status, inputs, decisions, reading.error if reading else "", name)
         self.first_tick_done = True
         return decisions
 
@@ -381,6 +382,7 @@ class Reconciler:
         inputs: list[RegionInput],
         decisions: list[Decision],
         metric_error: str,
+        metric_name: str = "",
     ) -> None:
         by_region = {d.region: d for d in decisions}
         status.last_tick = now
@@ -397,7 +399,12 @@ class Reconciler:
                 "machines": dict(region.machines),
                 "health": region.health,
                 "health_reason": region.health_reason,
-                "metric": {"value": region.metric, "age": region.metric_age, "error": metric_error},
+                "metric": {
+                    "name": metric_name,
+                    "value": region.metric,
+                    "age": region.metric_age,
+                    "error": metric_error,
+                },
                 "last_decision": None
                 if decision is None
                 else {

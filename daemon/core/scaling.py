@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from zoneinfo import ZoneInfo
 
 from croniter import croniter
@@ -50,9 +50,11 @@ class ScheduleWindow:
     def open_at(self, now: float) -> bool:
         """Did the cron fire within the last `duration` seconds (in the schedule's own time zone)?"""
         zone = ZoneInfo(self.timezone)
-        local = datetime.fromtimestamp(now, tz=UTC).astimezone(zone)
+        # one second past now, added before converting: aware datetime arithmetic is wall-clock arithmetic
+        # and drops `fold`, which would move the start an hour off around a DST change
+        local = datetime.fromtimestamp(now + 1, tz=UTC).astimezone(zone)
         # the latest firing at or before now; croniter walks wall-clock time in the zone, DST included
-        last: datetime = croniter(self.cron, local + timedelta(seconds=1)).get_prev(datetime)
+        last: datetime = croniter(self.cron, local).get_prev(datetime)
         return now < last.timestamp() + self.duration
 
 
@@ -155,15 +157,21 @@ def failover_shares(
     notes: dict[str, str] = {}
     if not down or not receivers:
         return extra, notes
-    moved = sum(max(memories.get(r.region, Memory()).last_demand or r.started, 0) for r in down)
+    # the demand it had while last judged healthy (0 is a demand too), else what it was running
+    last = [memories.get(r.region, Memory()).last_demand for r in down]
+    moved = sum(max(r.started if d is None else d, 0) for r, d in zip(down, last, strict=True))
     names = ", ".join(r.region for r in down)
-    for index, receiver in enumerate(sorted(receivers, key=lambda r: r.region)):
-        share = moved // len(receivers) + (1 if index < moved % len(receivers) else 0)
-        room = max(bounds[receiver.region].max - demands[receiver.region], 0)
-        given = min(share, room)
-        if given:
-            extra[receiver.region] = given
-            notes[receiver.region] = f"failover: +{given} for {names} (down)"
+    room = {r.region: max(bounds[r.region].max - demands[r.region], 0) for r in receivers}
+    # even shares; what a region cannot take within its max spills over to those with room left
+    while moved > 0 and (takers := sorted(code for code, left in room.items() if left > 0)):
+        shares = [moved // len(takers) + (1 if i < moved % len(takers) else 0) for i in range(len(takers))]
+        for code, share in zip(takers, shares, strict=True):
+            given = min(share, room[code])
+            room[code] -= given
+            moved -= given
+            extra[code] = extra.get(code, 0) + given
+    extra = {code: given for code, given in extra.items() if given}
+    notes = {code: f"failover: +{given} for {names} (down)" for code, given in extra.items()}
     return extra, notes
 
 
@@ -209,10 +217,12 @@ def decide(
                 f"{reason}; {side} {getattr(bound, side)}"
                 + (f" ({'; '.join(schedule_notes[region.region])})" if schedule_notes[region.region] else ""),
             )
-        recommendations = (
-            *((at, d) for at, d in memory.recommendations if now - at <= longest),
-            (now, desired),
-        )
+        history = tuple((at, d) for at, d in memory.recommendations if now - at <= longest)
+        if not memory.recommendations and rules.down.stabilization > 0:
+            # first sight of the region (new, or its memory lost): the down window it has not watched is
+            # taken to have recommended the current count, so a first scale-down waits a window like any other
+            history = ((now, max(desired, region.started)),)
+        recommendations = (*history, (now, desired))
         last_demand = memory.last_demand
         if region.health in RECEIVING and region.metric is not None:
             last_demand = demands[region.region]
@@ -231,13 +241,16 @@ def decide(
             "failover_extra": extra.get(region.region, 0),
             "schedules": schedule_notes[region.region],
         }
-        decisions.append(_act(now, region, desired, rule, reason, inputs, new_memory, rules, release_active))
+        decisions.append(
+            _act(now, region, bound, desired, rule, reason, inputs, new_memory, rules, release_active)
+        )
     return decisions
 
 
 def _act(
     now: float,
     region: RegionInput,
+    bound: Bounds,
     desired: int,
     rule: str,
     reason: str,
@@ -279,10 +292,15 @@ def _act(
         )
     if desired < current:
         blocked = _down_blocked(region, rule, release_active)
+        if blocked and current > bound.max:
+            # the max bound is enforced all the same, whatever the demand: down to the max and no further
+            not_acting[blocked[0]] = f"{blocked[1]}: only down to the max {bound.max}"
+            desired, rule, reason, blocked = bound.max, "max_bound", f"{reason}; max {bound.max}", None
         if blocked:
             return hold(*blocked)
         highest = max(_window(memory.recommendations, now, rules.down.stabilization))
-        target = min(max(desired, highest), current)
+        # no window holds the count above the max (as none holds it below the min)
+        target = min(max(desired, highest), current, bound.max)
         if target >= current:
             return hold(
                 "stabilization",

@@ -228,3 +228,6 @@ def configure_logging(fmt: str, level: str = "info", stream: IO[str] | None = No
         old.close()
     root.addHandler(handler)
     root.setLevel(numeric)
+    # libraries that narrate every request or job run: their warnings matter, their chatter does not
+    for chatty in ("httpx", "apscheduler", "aiohttp.access"):
+        logging.getLogger(chatty).setLevel(max(numeric, logging.WARNING))

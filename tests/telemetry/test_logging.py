@@ -75,7 +75,7 @@ def test_console_format_is_readable_text() -> None:
     """The console format is one human-readable line: timestamp, level, event, logger and key=value pairs."""
     stream = configured("console")
     structlog.get_logger("daemon.reconciler").info("tick done", app="shop")
-    logging.getLogger("httpx").info("HTTP Request: GET /v1/apps")
+    logging.getLogger("uvicorn").info("HTTP Request: GET /v1/apps")  # any stdlib logger, same format
     first, second = stream.getvalue().splitlines()
     with pytest.raises(json.JSONDecodeError):
         json.loads(first)
@@ -86,7 +86,7 @@ def test_console_format_is_readable_text() -> None:
     assert first[:4].isdigit()  # the ISO timestamp leads the line
     assert "\x1b[" not in first  # no colours when the stream is not a terminal
     assert "HTTP Request: GET /v1/apps" in second
-    assert "httpx" in second
+    assert "uvicorn" in second
 
 
 @pytest.mark.parametrize(("stream", "is_json"), [(io.StringIO(), True), (Tty(), False)])
@@ -246,3 +246,13 @@ def test_a_line_that_fails_to_render_leaks_nothing(
     written = stream.getvalue() + capsys.readouterr().err
     assert SECRET not in written
     assert "logging error: ValueError in a line from daemon.x" in written
+
+
+def test_chatty_libraries_only_speak_up_for_warnings() -> None:
+    """httpx's per-request and APScheduler's per-run info lines are dropped; their warnings are kept."""
+    stream = configured("json")
+    logging.getLogger("httpx").info("HTTP Request: GET /v1/apps")
+    logging.getLogger("apscheduler.scheduler").info("Running job")
+    logging.getLogger("httpx").warning("connection pool full")
+    lines = stream.getvalue().splitlines()
+    assert [json.loads(line)["event"] for line in lines] == ["connection pool full"]
