@@ -6,11 +6,14 @@ Per app, per region, per tick:
    tolerance band; with the metric missing or stale, `on_missing_metric` decides (hold: the current count;
    max: the region's max), and missing data never scales anything down;
 3. failover: the demand of a region that is down moves to the healthy and degraded regions (within their
-   max), and comes back on recovery; a down region itself is left alone;
+   max; a full region's share spills over to the others), and comes back on recovery; a down region
+   itself is left alone;
 4. clamp to the bounds; then per direction a stabilization window (scale down only to the highest
-   recommendation inside it, up only to the lowest), a cooldown, and a maximum step;
+   recommendation inside it, up only to the lowest; a region seen for the first time waits a whole down
+   window), a cooldown, and a maximum step;
 5. safety: one kind of change per region per tick; no scale down while a release rolls out or bakes,
-   while the region's health is unknown, or on missing data.
+   while the region's health is unknown, or on missing data; but a region above its max comes down to
+   the max (never below it) whatever holds it, step by step.
 """
 
 from __future__ import annotations
