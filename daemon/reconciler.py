@@ -287,7 +287,15 @@ class Reconciler:
                 region: memory_from_json(await self._store.get(SCALING, f"{app}/{region}"))
                 for region in regions
             }
-            decisions = decide(now, inputs, rules_of(scaling), memories, release_active=release_active)
+            rollout = release_activity(machines, None, now, 0.0)  # mixed releases or replacing: under way
+            decisions = decide(
+                now,
+                inputs,
+                rules_of(scaling),
+                memories,
+                release_active=release_active,
+                rollout_active=rollout,
+            )
             results = await self._act(app, policy, scaling, decisions)
             for decision in decisions:
                 result = results.get(decision.region)

@@ -189,8 +189,12 @@ def decide(
     memories: Mapping[str, Memory],
     *,
     release_active: str = "",
+    rollout_active: str = "",
 ) -> list[Decision]:
-    """One decision per region. `release_active`: why a release freezes scale-down now ("" when none)."""
+    """One decision per region. `release_active`: why a release (rolling out or baking) freezes scale-down
+    now; `rollout_active`: why a rollout under way also freezes scale-up ("" when none): clones made now would
+    race the deploy and copy a release nobody has verified. The region's min is enforced all the same."""
+    memories = {region: _sane(memory, now) for region, memory in memories.items()}
     bounds: dict[str, Bounds] = {}
     schedule_notes: dict[str, list[str]] = {}
     demands: dict[str, int] = {}
@@ -245,7 +249,19 @@ def decide(
             "schedules": schedule_notes[region.region],
         }
         decisions.append(
-            _act(now, region, bound, desired, rule, reason, inputs, new_memory, rules, release_active)
+            _act(
+                now,
+                region,
+                bound,
+                desired,
+                rule,
+                reason,
+                inputs,
+                new_memory,
+                rules,
+                release_active,
+                rollout_active,
+            )
         )
     return decisions
 
@@ -261,6 +277,7 @@ def _act(
     memory: Memory,
     rules: Rules,
     release_active: str,
+    rollout_active: str = "",
 ) -> Decision:
     current = region.started
     not_acting: dict[str, str] = {}
@@ -275,6 +292,8 @@ def _act(
         return hold(
             "region_down", f"{region.region} is down ({region.health_reason}): left alone, its demand moved"
         )
+    if desired > current and rollout_active and rule != "min_bound":
+        return hold("rollout", f"a rollout is under way ({rollout_active}): not scaling up until it ends")
     if desired > current:
         lowest = min(_window(memory.recommendations, now, rules.up.stabilization))
         target = max(min(desired, lowest), current) if rule != "min_bound" else desired
@@ -340,6 +359,22 @@ def _down_blocked(region: RegionInput, rule: str, release_active: str) -> tuple[
             f"the region's health is unknown ({region.health_reason}): not scaling down",
         )
     return None
+
+
+def _sane(memory: Memory, now: float) -> Memory:
+    """A memory with nothing from the future: after a clock step back (or a store moved between hosts), a
+    future cooldown start would block scaling for the whole skew, and a future recommendation would sit in
+    every window; both are dropped."""
+    return Memory(
+        recommendations=tuple((at, d) for at, d in memory.recommendations if at <= now),
+        last_scale_up=memory.last_scale_up
+        if memory.last_scale_up is None or memory.last_scale_up <= now
+        else None,
+        last_scale_down=memory.last_scale_down
+        if memory.last_scale_down is None or memory.last_scale_down <= now
+        else None,
+        last_demand=memory.last_demand,
+    )
 
 
 def after_action(memory: Memory, action: str, now: float) -> Memory:

@@ -855,3 +855,24 @@ def test_schedule_closing_scales_down_after_the_window() -> None:
         (690, SCALE_DOWN, 1),
         (720, SCALE_DOWN, 1),
     ]
+
+
+def test_a_clock_stepped_back_does_not_block_scaling() -> None:
+    """A cooldown start or a recommendation from the future (clock stepped back) is ignored, not waited out."""
+    memory = Memory(recommendations=((5000.0, 1),), last_scale_up=5000.0, last_scale_down=5000.0)
+    region = RegionInput("iad", Bounds(1, 8), started=1, metric=60.0, health="healthy")
+    [decision] = decide(1000.0, [region], Rules(target_per_machine=20), {"iad": memory})
+    assert decision.action == "scale_up"
+    assert decision.count == 2
+    assert all(at <= 1000.0 for at, _ in decision.memory.recommendations)
+
+
+def test_a_rollout_under_way_freezes_scale_up_but_not_the_minimum() -> None:
+    """During a rollout no machine is added for load; a region below its min still gets its min."""
+    busy = RegionInput("iad", Bounds(1, 8), started=2, metric=200.0, health="healthy")
+    [decision] = decide(1000.0, [busy], Rules(target_per_machine=20), {}, rollout_active="releases 3, 4")
+    assert decision.action == "hold"
+    assert "rollout is under way" in decision.not_acting["rollout"]
+    short = RegionInput("cdg", Bounds(2, 8), started=0, metric=0.0, health="healthy")
+    [decision] = decide(1000.0, [short], Rules(target_per_machine=20), {}, rollout_active="releases 3, 4")
+    assert (decision.action, decision.count) == ("scale_up", 2)
