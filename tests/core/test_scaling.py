@@ -858,7 +858,7 @@ def test_schedule_closing_scales_down_after_the_window() -> None:
 
 
 def test_a_clock_stepped_back_does_not_block_scaling() -> None:
-    """A cooldown start or a recommendation from the future (clock stepped back) is ignored, not waited out."""
+    """A cooldown start or a recommendation from the future (clock stepped back) is ignored."""
     memory = Memory(recommendations=((5000.0, 1),), last_scale_up=5000.0, last_scale_down=5000.0)
     region = RegionInput("iad", Bounds(1, 8), started=1, metric=60.0, health="healthy")
     [decision] = decide(1000.0, [region], Rules(target_per_machine=20), {"iad": memory})
