@@ -279,6 +279,7 @@ class Reconciler:
                     metric_age=sample.age(now) if sample else None,
                     health=region_health.state.value if region_health else "unknown",
                     health_reason=region_health.reason if region_health else "no health verdict yet",
+                    reachable=not (region_health is not None and region_health.no_answer),
                 )
             )
         decisions: list[Decision] = []

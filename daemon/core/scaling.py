@@ -81,6 +81,14 @@ class RegionInput:
     metric_age: float | None = None
     health: str = "unknown"  # healthy | degraded | down | unknown
     health_reason: str = ""
+    # False when the region is down because nothing there answers (an outage). A region down with machines
+    # that answer, but wrongly (503s from overload, say), is reachable: more machines may be the cure.
+    reachable: bool = True
+
+    @property
+    def out(self) -> bool:
+        """Down and unreachable: left alone, and its demand moves to the other regions."""
+        return self.health == "down" and not self.reachable
 
 
 @dataclass(frozen=True)
@@ -154,7 +162,7 @@ def failover_shares(
     memories: Mapping[str, Memory],
 ) -> tuple[dict[str, int], dict[str, str]]:
     """Extra machines per receiving region, for the demand of regions that are down; and why."""
-    down = [r for r in regions if r.health == "down"]
+    down = [r for r in regions if r.out]
     receivers = [r for r in regions if r.health in RECEIVING]
     extra: dict[str, int] = {}
     notes: dict[str, str] = {}
@@ -288,7 +296,7 @@ def _act(
             region.region, HOLD, 0, current, desired, rule, reason, inputs, dict(not_acting), memory
         )
 
-    if region.health == "down":
+    if region.out:
         return hold(
             "region_down", f"{region.region} is down ({region.health_reason}): left alone, its demand moved"
         )
@@ -357,6 +365,11 @@ def _down_blocked(region: RegionInput, rule: str, release_active: str) -> tuple[
         return (
             "health_unknown",
             f"the region's health is unknown ({region.health_reason}): not scaling down",
+        )
+    if region.health == "down":
+        return (
+            "region_failing",
+            f"no machine in the region is healthy ({region.health_reason}): not scaling down",
         )
     return None
 

@@ -103,6 +103,8 @@ class Fleet:
         self._schedule(machine)
 
     def _schedule(self, machine: Machine) -> None:
+        if not self.platform.settings.serve_fleet:
+            return
         try:
             asyncio.get_running_loop()
         except RuntimeError:

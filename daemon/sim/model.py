@@ -50,6 +50,7 @@ class SimSettings:
     org_slug: str = "personal"
     tokens: dict[str, str] = field(default_factory=lambda: {"sim-token": "sim@tokens.fly.io"})
     rate_limits: bool = True
+    serve_fleet: bool = True  # false: no machine listens (for benchmarks of the API alone, with huge fleets)
     default_lease_ttl: int = 30
     seed: int | None = 0
 

@@ -44,6 +44,7 @@ def region(
     high: int = 20,
     health: str = "healthy",
     reason: str = "",
+    reachable: bool | None = None,
 ) -> RegionInput:
     return RegionInput(
         region=code,
@@ -52,6 +53,7 @@ def region(
         metric=metric,
         health=health,
         health_reason=reason,
+        reachable=health != "down" if reachable is None else reachable,  # "down" here: an outage
     )
 
 
@@ -93,6 +95,7 @@ class Fleet:
                 metric=metrics.get(code),
                 health=(health or {}).get(code, "healthy"),
                 health_reason="probes failing",
+                reachable=(health or {}).get(code, "healthy") != "down",
             )
             for code, bounds in self.bounds.items()
         ]
@@ -876,3 +879,16 @@ def test_a_rollout_under_way_freezes_scale_up_but_not_the_minimum() -> None:
     short = RegionInput("cdg", Bounds(2, 8), started=0, metric=0.0, health="healthy")
     [decision] = decide(1000.0, [short], Rules(target_per_machine=20), {}, rollout_active="releases 3, 4")
     assert (decision.action, decision.count) == ("scale_up", 2)
+
+
+def test_a_region_failing_from_overload_gets_more_machines() -> None:
+    """A region down with machines that answer (503s from overload) is scaled up, not failed over."""
+    overloaded = region("cdg", 1, 400.0, high=8, health="down", reason="1 unhealthy (503)", reachable=True)
+    decisions = decide(T0, [overloaded, region("iad", 2, 20.0)], INSTANT, {})
+    by_region = {d.region: d for d in decisions}
+    assert (by_region["cdg"].action, by_region["cdg"].count) == (SCALE_UP, 7)
+    assert by_region["iad"].inputs["failover_extra"] == 0  # nothing moves away from a region that answers
+    quiet = region("cdg", 4, 0.0, health="down", reason="4 unhealthy", reachable=True)
+    [held] = decide(T0, [quiet], INSTANT, {})
+    assert held.action == HOLD
+    assert "no machine in the region is healthy" in held.not_acting["region_failing"]
