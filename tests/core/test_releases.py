@@ -10,7 +10,7 @@ LIMITS = Thresholds(
     bake=300.0, max_error_ratio=0.05, max_p95_latency=0.8, max_unhealthy_ratio=0.25, min_requests=50
 )
 T0 = 10_000.0
-B, H, F, I = (
+B, H, F, NONE = (
     ReleaseVerdict.BAKING,
     ReleaseVerdict.HEALTHY,
     ReleaseVerdict.FAILING,
