@@ -90,7 +90,8 @@ RegionCode = Annotated[str, AfterValidator(_region_code)]
 
 
 class RegionBounds(Model):
-    min: Annotated[int, Field(ge=0)] = 0
+    # 1 unless said otherwise: a region scaled to zero has no machine left to measure, and would stay at zero
+    min: Annotated[int, Field(ge=0)] = 1
     max: Annotated[int, Field(ge=0)]
 
     @model_validator(mode="after")

@@ -205,7 +205,7 @@ def test_summary_describes_each_app() -> None:
             "release rollback: rollback"
         ),
         (
-            "api: ord 0-3; promql "
+            "api: ord 1-3; promql "
             """'sum(rate(http_requests_total{app="api", region="{region}"}[1m]))', target 2.5 per machine; """
             "release rollback: alert"
         ),

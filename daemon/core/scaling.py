@@ -84,6 +84,10 @@ class RegionInput:
     # False when the region is down because nothing there answers (an outage). A region down with machines
     # that answer, but wrongly (503s from overload, say), is reachable: more machines may be the cure.
     reachable: bool = True
+    # True when the metric is a per-machine value (an average or a maximum over the region's machines):
+    # the region's load is then that value times its machines
+    per_machine: bool = False
+    pending: int = 0  # machines on their way up or down (starting, stopping, replacing...): not settled yet
 
     @property
     def out(self) -> bool:
@@ -143,15 +147,20 @@ def demand_of(region: RegionInput, rules: Rules, bounds: Bounds) -> tuple[int, s
         if rules.on_missing_metric == "max":
             return bounds.max, "missing_metric", "metric missing or stale: on_missing_metric max"
         return region.started, "missing_metric", "metric missing or stale: holding the current count"
-    ratio = region.metric / (region.started * rules.target_per_machine) if region.started else math.inf
+    # the region's total load: a per-machine value (avg, max) counts once for every machine running
+    total = region.metric * region.started if region.per_machine else region.metric
+    shown = (
+        f"{region.metric:g} per machine x {region.started}" if region.per_machine else f"{region.metric:g}"
+    )
+    ratio = total / (region.started * rules.target_per_machine) if region.started else math.inf
     if region.started and abs(ratio - 1.0) <= rules.tolerance:
         reason = (
-            f"{region.metric:g} over {region.started} machines is {ratio:.2f} of the target "
+            f"{shown} over {region.started} machines is {ratio:.2f} of the target "
             f"{rules.target_per_machine:g}: within the tolerance {rules.tolerance:g}"
         )
         return region.started, "tolerance", reason
-    needed = math.ceil(region.metric / rules.target_per_machine - 1e-9)
-    reason = f"{region.metric:g} / target {rules.target_per_machine:g} per machine = {needed} machine(s)"
+    needed = math.ceil(total / rules.target_per_machine - 1e-9)
+    reason = f"{shown} / target {rules.target_per_machine:g} per machine = {needed} machine(s)"
     return needed, "target_tracking", reason
 
 
@@ -300,8 +309,13 @@ def _act(
         return hold(
             "region_down", f"{region.region} is down ({region.health_reason}): left alone, its demand moved"
         )
-    if desired > current and rollout_active and rule != "min_bound":
-        return hold("rollout", f"a rollout is under way ({rollout_active}): not scaling up until it ends")
+    if desired != current and rollout_active:
+        # even the bounds wait: counts are off while machines are replaced, and clones would copy a release
+        # nobody has verified; the rollout ends, then the bounds are enforced
+        return hold("rollout", f"a rollout is under way ({rollout_active}): no scaling until it ends")
+    if desired != current and region.pending:
+        # the last change has not settled: acting again on counts that are moving would double it
+        return hold("settling", f"{region.pending} machine(s) still starting or stopping: waiting for them")
     if desired > current:
         lowest = min(_window(memory.recommendations, now, rules.up.stabilization))
         target = max(min(desired, lowest), current) if rule != "min_bound" else desired
@@ -355,8 +369,13 @@ def _act(
 
 def _down_blocked(region: RegionInput, rule: str, release_active: str) -> tuple[str, str] | None:
     """Why the region must not scale down now, if it must not. Policy bounds are enforced all the same."""
-    if rule == "max_bound":
-        return None
+    if rule == "max_bound" and region.health != "unknown":
+        return None  # the policy's max holds whatever the metric says, once the region can be judged
+    if region.health == "unknown":
+        return (
+            "health_unknown",
+            f"the region's health is unknown ({region.health_reason}): not scaling down",
+        )
     if region.metric is None:
         return ("missing_metric", "missing or stale data never scales down")
     if release_active:

@@ -870,15 +870,34 @@ def test_a_clock_stepped_back_does_not_block_scaling() -> None:
     assert all(at <= 1000.0 for at, _ in decision.memory.recommendations)
 
 
-def test_a_rollout_under_way_freezes_scale_up_but_not_the_minimum() -> None:
-    """During a rollout no machine is added for load; a region below its min still gets its min."""
+def test_a_rollout_under_way_freezes_all_scaling() -> None:
+    """During a rollout nothing is added or taken away, not even for the bounds: the counts are moving."""
     busy = RegionInput("iad", Bounds(1, 8), started=2, metric=200.0, health="healthy")
     [decision] = decide(1000.0, [busy], Rules(target_per_machine=20), {}, rollout_active="releases 3, 4")
     assert decision.action == "hold"
     assert "rollout is under way" in decision.not_acting["rollout"]
     short = RegionInput("cdg", Bounds(2, 8), started=0, metric=0.0, health="healthy")
     [decision] = decide(1000.0, [short], Rules(target_per_machine=20), {}, rollout_active="releases 3, 4")
-    assert (decision.action, decision.count) == ("scale_up", 2)
+    assert decision.action == "hold"
+    [after] = decide(1000.0, [short], Rules(target_per_machine=20), {})
+    assert (after.action, after.count) == ("scale_up", 2)  # once it ends, the min is restored
+
+
+def test_an_average_is_load_per_machine() -> None:
+    """An avg (or max) metric is a per-machine value: 4 machines at 30 against a target of 20 need 6, not 2."""
+    hot = RegionInput("iad", Bounds(1, 10), started=4, metric=30.0, health="healthy", per_machine=True)
+    rules = Rules(target_per_machine=20, up=Direction(0, 0, 1000), down=Direction(0, 0, 1000))
+    [decision] = decide(1000.0, [hot], rules, {})
+    assert (decision.action, decision.count, decision.desired) == ("scale_up", 2, 6)
+    assert "30 per machine x 4" in decision.reason
+
+
+def test_machines_in_transition_are_waited_for() -> None:
+    """While machines of the region are still starting or stopping, the count is not acted on again."""
+    busy = RegionInput("iad", Bounds(1, 10), started=2, metric=100.0, health="healthy", pending=2)
+    [decision] = decide(1000.0, [busy], INSTANT, {})
+    assert decision.action == "hold"
+    assert "2 machine(s) still starting or stopping" in decision.not_acting["settling"]
 
 
 def test_a_region_failing_from_overload_gets_more_machines() -> None:
