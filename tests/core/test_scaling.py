@@ -884,7 +884,7 @@ def test_a_rollout_under_way_freezes_all_scaling() -> None:
 
 
 def test_an_average_is_load_per_machine() -> None:
-    """An avg (or max) metric is a per-machine value: 4 machines at 30 against a target of 20 need 6, not 2."""
+    """An avg (or max) metric is per-machine: 4 machines at 30 against a target of 20 need 6, not 2."""
     hot = RegionInput("iad", Bounds(1, 10), started=4, metric=30.0, health="healthy", per_machine=True)
     rules = Rules(target_per_machine=20, up=Direction(0, 0, 1000), down=Direction(0, 0, 1000))
     [decision] = decide(1000.0, [hot], rules, {})
