@@ -52,6 +52,9 @@ class ProbeOutcome:
     status: int | None = None
     body: str = ""
     error: str = ""
+    # the machine took the connection but did not answer in time: a host that is there (overloaded, say),
+    # not a silent one; an outage, or our own network gone, is a connection that cannot be made
+    slow: bool = False
 
 
 @dataclass(frozen=True)
@@ -153,7 +156,7 @@ def step(state: MachineHealth, result: ProbeResult, rules: Hysteresis) -> Machin
         failures=failures,
         reason=reason,
         last_at=result.outcome.at,
-        last_answered=result.answered,
+        last_answered=result.answered or result.outcome.slow,
     )
 
 

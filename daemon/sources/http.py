@@ -28,6 +28,8 @@ async def read_body(response: aiohttp.ClientResponse, cap: int, *, truncate: boo
 
 
 def describe(exc: BaseException, timeout: float | None = None) -> str:
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        return f"cannot connect within {timeout:g}s" if timeout else "cannot connect in time"
     if isinstance(exc, TimeoutError):
         return f"timeout after {timeout:g}s" if timeout else "timeout"
     if isinstance(exc, aiohttp.ClientConnectorError):

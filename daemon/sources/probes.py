@@ -66,7 +66,7 @@ class Prober:
                 async with self._client().get(
                     target.url,
                     headers=dict(target.headers),
-                    timeout=aiohttp.ClientTimeout(total=limit),
+                    timeout=aiohttp.ClientTimeout(total=limit, sock_connect=limit),
                     allow_redirects=False,
                 ) as response:
                     body = await read_body(response, _MAX_BODY, truncate=True)
@@ -76,8 +76,13 @@ class Prober:
                         status=response.status,
                         body=body.decode("utf-8", errors="replace"),
                     )
-            except (TimeoutError, aiohttp.ClientError) as exc:
+            except aiohttp.ConnectionTimeoutError as exc:  # before TimeoutError: it is one, but a silent host
                 return ProbeOutcome(at=at, latency=time.perf_counter() - started, error=describe(exc, limit))
+            except (TimeoutError, aiohttp.ClientError) as exc:
+                slow = isinstance(exc, TimeoutError)  # connected, then no answer in time
+                return ProbeOutcome(
+                    at=at, latency=time.perf_counter() - started, error=describe(exc, limit), slow=slow
+                )
 
     async def probe(
         self, target: ProbeTarget, conditions: ProbeConditions, timeout: float | None = None

@@ -188,3 +188,20 @@ def test_a_stale_history_starts_afresh() -> None:
     state = step(state, judge(ProbeOutcome(100.0, 0.01, 500), ProbeConditions()), RULES)
     assert state.verdict is X  # one failure after the gap: not yet unhealthy again
     assert state.failures == 1
+
+
+def test_a_slow_machine_is_not_a_silent_one() -> None:
+    """Failures that timed out after connecting mark a machine unhealthy but answering (not an outage)."""
+    state = MachineHealth()
+    for at in (0.0, 1.0):
+        slow = ProbeOutcome(at, 2.0, None, error="timeout after 2s", slow=True)
+        state = step(state, judge(slow, ProbeConditions()), RULES)
+    verdict = machine_verdict(MachineSignals("m1", "iad", state), 2.0, RULES)
+    assert verdict.verdict is U
+    assert verdict.no_answer is False
+    silent = MachineHealth()
+    for at in (0.0, 1.0):
+        silent = step(
+            silent, judge(ProbeOutcome(at, 2.0, None, error="cannot connect"), ProbeConditions()), RULES
+        )
+    assert machine_verdict(MachineSignals("m1", "iad", silent), 2.0, RULES).no_answer is True
