@@ -11,8 +11,10 @@ ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
 RUN useradd --create-home --uid 10001 flywatch
 COPY --from=build /dist/*.whl /tmp/
 RUN pip install --no-cache-dir /tmp/*.whl && rm /tmp/*.whl
+# the policy: the example until you ship your own (COPY it over, or mount it at FLYWATCH_CONFIG)
+COPY config/flywatch.yaml /etc/flywatch/flywatch.yaml
 USER flywatch
 WORKDIR /home/flywatch
+ENV FLYWATCH_CONFIG=/etc/flywatch/flywatch.yaml
 ENTRYPOINT ["flywatch"]
-# `flywatch run` (the daemon loop) arrives with the policy issue; until then the image lists its commands.
-CMD ["--help"]
+CMD ["run"]

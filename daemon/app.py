@@ -35,11 +35,13 @@ from daemon.sources.prometheus import PromQL
 from daemon.sources.scrape import Scraper
 from daemon.store import open_store
 from daemon.store.base import Store
+from daemon.telemetry.logging import register_secret
 from daemon.telemetry.metrics import ApiMetrics, HealthMetrics, SourceMetrics
 from daemon.telemetry.server import TelemetryServer
 
 log = logging.getLogger("flywatch")
 _STOP_GRACE = 60.0  # seconds the ticks in flight get to finish on SIGTERM
+_UNWIND_GRACE = 5.0  # seconds the ticks cancelled after it get to unwind
 _WATCH_EVERY = 2.0  # seconds between looks at the policy file
 
 
@@ -107,7 +109,7 @@ class Daemon:
         self.server = TelemetryServer(
             self.registry,
             self.settings.listen,
-            alive=lambda: not self._stopping.is_set(),
+            alive=lambda: True,  # the loop answers: alive, also while it drains (readiness says the rest)
             ready=self._ready,
             status=self.status,
             decisions=self.decisions,
@@ -127,13 +129,19 @@ class Daemon:
 
     def _schedule(self) -> None:
         assert self.loaded is not None  # noqa: S101 - start() loads it first
-        self._scheduler.remove_all()
+        wanted = set()
         for app, policy in self.loaded.policy.apps.items():
+            wanted.add(f"probe:{app}")
             self._scheduler.every(f"probe:{app}", policy.health.interval, self._job, "probe", app)
             if policy.scaling is not None:
+                wanted.add(f"reconcile:{app}")
                 self._scheduler.every(
                     f"reconcile:{app}", policy.scaling.interval, self._job, "reconcile", app
                 )
+        for job_id in set(self._scheduler.job_ids()) - wanted:
+            self._scheduler.remove(job_id)  # an app (or its scaling) that the new policy no longer has
+        for webhook in self.loaded.policy.alerts.webhooks:
+            register_secret(webhook.url.get_secret_value())  # a webhook URL never appears in a log line
 
     async def _job(self, kind: str, app: str) -> None:
         """A scheduled tick; it reads the policy in force when it starts, and is waited for on stop."""
@@ -158,6 +166,7 @@ class Daemon:
 
     def reload(self) -> bool:
         """Load the policy file again; keep the old policy if the new one is not valid."""
+        self._mtime = _mtime(self.settings.config)  # this version has been looked at, whatever it holds
         try:
             loaded = load_policy(self.settings.config)
         except PolicyError as exc:
@@ -174,16 +183,24 @@ class Daemon:
         return True
 
     async def _watch_policy(self) -> None:
+        """Reload when the file has changed and then stayed the same for one more look (an editor or a deploy
+        writing it is given time to finish: a file caught half-written is never loaded)."""
+        seen: float | None = None
         while not self._stopping.is_set():
             await self.clock.sleep(_WATCH_EVERY)
             mtime = _mtime(self.settings.config)
-            if mtime is not None and mtime != self._mtime:
-                self._mtime = mtime
+            if mtime is None or mtime == self._mtime:
+                seen = None
+            elif mtime == seen:
                 self.reload()
+            else:
+                seen = mtime
 
     # ------------------------------------------------------------------ views
 
     def _ready(self) -> tuple[bool, str]:
+        if self._stopping.is_set():
+            return False, "stopping"
         if self.loaded is None:
             return False, "no policy loaded"
         if self.reconciler is None or not self.reconciler.first_tick_done:
@@ -220,15 +237,20 @@ class Daemon:
             return
         self._stopping.set()
         log.info("stopping: waiting for %d tick(s) in flight", len(self._in_flight))
-        self._scheduler.shutdown()
         if self._watcher is not None:
             self._watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._watcher
+        # the ticks in flight finish before the scheduler shuts down: APScheduler's shutdown cancels the
+        # jobs it is running (an action cut short, its decision and its cooldown never recorded); until
+        # then the jobs it still starts return at once, as _stopping is set
         if self._in_flight:
             _, pending = await asyncio.wait(list(self._in_flight), timeout=_STOP_GRACE)
             for task in pending:
                 task.cancel()
+            if pending:  # let them unwind (and release their leases) while the client is still open
+                await asyncio.wait(pending, timeout=_UNWIND_GRACE)
+        self._scheduler.shutdown()
         for close in reversed(self._closers):
             try:
                 await close()

@@ -130,8 +130,9 @@ def _run_daemon(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     configure_logging(settings.log_format)
-    if settings.fly_api_token is not None:
-        register_secret(settings.fly_api_token.get_secret_value())
+    for secret in (settings.fly_api_token, settings.prometheus_token):
+        if secret is not None:
+            register_secret(secret.get_secret_value())
     try:
         return asyncio.run(Daemon(settings).run())
     except PolicyError as exc:

@@ -19,7 +19,7 @@ from daemon.actuator import Actuator
 from daemon.clock import Clock
 from daemon.config import AppPolicy, ScalingPolicy
 from daemon.core.health import Hysteresis, ProbeConditions
-from daemon.core.plan import Action, ActionResult, ScaleDown, ScaleDownMode, ScaleUp
+from daemon.core.plan import Action, ActionResult, Outcome, ScaleDown, ScaleDownMode, ScaleUp
 from daemon.core.samples import Aggregate
 from daemon.core.scaling import (
     HOLD,
@@ -47,6 +47,8 @@ log = logging.getLogger("flywatch.reconciler")
 SCALING = "scaling"
 DECISIONS = "decisions"
 RELEASES_SEEN = "release_seen"
+TRANSITIONS = ("starting", "stopping", "suspending", "replacing", "updating", "restarting")
+IN_FLIGHT = "in_flight"  # in a region's scaling memory: the action under way when it was written
 
 
 class ReconcilerMetrics:
@@ -213,6 +215,8 @@ class Reconciler:
         self._clock = clock
         self._metrics = metrics
         self.latest_health: dict[str, AppHealth] = {}
+        # a dry run keeps its own memory: it must never move the cooldowns of a live daemon on the same store
+        self._scaling_ns = f"{SCALING}-dry-run" if actuator.dry_run else SCALING
         self.status: dict[str, AppStatus] = {}
         self.first_tick_done = False
 
@@ -256,6 +260,12 @@ class Reconciler:
         machines = in_group(all_machines, policy.process_group)
         counts = machine_counts(all_machines, policy.process_group)
         health = self.latest_health.get(app)
+        health_note = "no health verdict yet"
+        limit = 3 * policy.health.interval + policy.health.timeout
+        if health is not None and now - health.at > limit:
+            # an old verdict says nothing of now (the probe job failing, or stalled): the regions are unknown
+            health_note = f"last probe round {now - health.at:.0f}s ago (more than {limit:g}s)"
+            health = None
         regions = list(policy.regions)
         scaling = policy.scaling
         reading = None
@@ -264,6 +274,8 @@ class Reconciler:
                 app, all_machines, regions, metric_spec(scaling, policy.process_group)
             )
         release_active = await self._release_activity(app, machines, now, policy.release.bake)
+        scrape = scaling.metric.scrape if scaling is not None else None
+        per_machine = scrape is not None and scrape.aggregate in {"avg", "max"}
         inputs = []
         for region in regions:
             region_counts = counts.get(region, Counter())
@@ -274,20 +286,26 @@ class Reconciler:
                     region=region,
                     bounds=Bounds(policy.regions[region].min, policy.regions[region].max),
                     started=region_counts.get("started", 0),
+                    pending=sum(region_counts.get(state, 0) for state in TRANSITIONS),
+                    per_machine=per_machine,
                     machines=dict(region_counts),
                     metric=reading.values.get(region) if reading else None,
                     metric_age=sample.age(now) if sample else None,
                     health=region_health.state.value if region_health else "unknown",
-                    health_reason=region_health.reason if region_health else "no health verdict yet",
+                    health_reason=region_health.reason if region_health else health_note,
                     reachable=not (region_health is not None and region_health.no_answer),
                 )
             )
         decisions: list[Decision] = []
         if scaling is not None:
-            memories = {
-                region: memory_from_json(await self._store.get(SCALING, f"{app}/{region}"))
-                for region in regions
-            }
+            memories = {}
+            for region in regions:
+                stored = await self._store.get(self._scaling_ns, f"{app}/{region}")
+                memories[region] = memory_from_json(stored)
+                if stored and stored.get(IN_FLIGHT) in {SCALE_UP, SCALE_DOWN}:
+                    # the daemon died in the middle of this action (kill -9, a crash), after what it did
+                    # and before it was recorded: count it as done now, so that its cooldown is not lost
+                    memories[region] = after_action(memories[region], stored[IN_FLIGHT], now)
             rollout = release_activity(machines, None, now, 0.0)  # mixed releases or replacing: under way
             decisions = decide(
                 now,
@@ -297,13 +315,25 @@ class Reconciler:
                 release_active=release_active,
                 rollout_active=rollout,
             )
+            if not self._actuator.dry_run:
+                for decision in decisions:
+                    if decision.acts:  # the intent is durable before anything is changed
+                        intent = {**memory_to_json(decision.memory), IN_FLIGHT: decision.action}
+                        await self._store.put(self._scaling_ns, f"{app}/{decision.region}", intent)
             results = await self._act(app, policy, scaling, decisions)
             for decision in decisions:
                 result = results.get(decision.region)
                 memory = decision.memory
-                if result is not None and result.done_count > 0 and not result.dry_run:
-                    memory = after_action(memory, decision.action, now)
-                await self._store.put(SCALING, f"{app}/{decision.region}", memory_to_json(memory))
+                if (
+                    result is not None
+                    and not result.dry_run
+                    and (result.done_count > 0 or result.outcome is Outcome.FAILED)
+                ):
+                    # a failed action starts the cooldown too: the next tick must not hammer a full region
+                    # the cooldown runs from the end of the action (its machines started or stopped), not
+                    # from the start of the tick, which can be long before it (rate-limited calls, boots)
+                    memory = after_action(memory, decision.action, self._clock.now())
+                await self._store.put(self._scaling_ns, f"{app}/{decision.region}", memory_to_json(memory))
                 await self._record(app, now, decision, result, reading.error if reading else "")
         name = metric_spec(scaling, policy.process_group).name if scaling is not None else ""
         self._report(app, now, status, inputs, decisions, reading.error if reading else "", name)
@@ -316,9 +346,9 @@ class Reconciler:
             return release_activity(machines, None, now, bake)
         seen = await self._store.get(RELEASES_SEEN, app)
         if seen is None or seen.get("version") != newest:
-            # the first tick that sees a release starts its bake; after a restart the store remembers
-            first = now if seen is not None else now - bake  # on the very first run, assume it has baked
-            seen = {"version": newest, "first_seen": first}
+            # the first tick that sees a release starts its bake (after a restart the store remembers; with
+            # no record at all, it is not assumed to have baked: scale-down waits one bake, to be safe)
+            seen = {"version": newest, "first_seen": now}
             await self._store.put(RELEASES_SEEN, app, seen)
         return release_activity(machines, float(seen["first_seen"]), now, bake)
 

@@ -31,7 +31,12 @@ class Scheduler:
         *args: Any,
         jitter: float | None = None,
     ) -> None:
-        """Run `job(*args)` every `seconds`, the first time at once. Replaces a job of the same id."""
+        """Run `job(*args)` every `seconds`, the first time at once. Replaces a job of the same id, keeping
+        its next run time (a reload does not fire every job at once)."""
+        existing = self._scheduler.get_job(job_id)
+        first = (
+            existing.next_run_time if existing is not None and existing.next_run_time else datetime.now(UTC)
+        )
         self._scheduler.add_job(
             job,
             "interval",
@@ -40,8 +45,12 @@ class Scheduler:
             id=job_id,
             replace_existing=True,
             jitter=jitter if jitter is not None else min(seconds * 0.1, 1.0),
-            next_run_time=datetime.now(UTC),
+            next_run_time=first,
         )
+
+    def remove(self, job_id: str) -> None:
+        if self._scheduler.get_job(job_id) is not None:
+            self._scheduler.remove_job(job_id)
 
     def remove_all(self) -> None:
         self._scheduler.remove_all_jobs()
