@@ -25,7 +25,7 @@ from daemon.actuator import Actuator
 from daemon.clock import Clock, SystemClock
 from daemon.config import LoadedPolicy, PolicyError, load_policy
 from daemon.fly.client import MachinesClient
-from daemon.reconciler import DECISIONS, Reconciler, ReconcilerMetrics
+from daemon.reconciler import DECISIONS, Reconciler
 from daemon.scheduler import Scheduler
 from daemon.settings import Settings
 from daemon.sources.health import HealthWatch
@@ -36,7 +36,7 @@ from daemon.sources.scrape import Scraper
 from daemon.store import open_store
 from daemon.store.base import Store
 from daemon.telemetry.logging import register_secret
-from daemon.telemetry.metrics import ApiMetrics, HealthMetrics, SourceMetrics
+from daemon.telemetry.metrics import ApiMetrics, HealthMetrics, ReconcilerMetrics, SourceMetrics
 from daemon.telemetry.server import TelemetryServer
 
 log = logging.getLogger("flywatch")

@@ -12,9 +12,6 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Gauge, Histogram
-from prometheus_client import Counter as PromCounter
-
 from daemon.actuator import Actuator
 from daemon.clock import Clock
 from daemon.config import AppPolicy, ScalingPolicy
@@ -42,6 +39,7 @@ from daemon.sources.health import AppHealth, HealthSpec, HealthWatch
 from daemon.sources.metrics import MachineCountSpec, MetricSpec, MetricWatch, PromQuerySpec, machine_counts
 from daemon.sources.scrape import ScrapeSpec
 from daemon.store.base import Store
+from daemon.telemetry.metrics import ReconcilerMetrics
 
 log = logging.getLogger("flywatch.reconciler")
 SCALING = "scaling"
@@ -49,44 +47,6 @@ DECISIONS = "decisions"
 RELEASES_SEEN = "release_seen"
 TRANSITIONS = ("starting", "stopping", "suspending", "replacing", "updating", "restarting")
 IN_FLIGHT = "in_flight"  # in a region's scaling memory: the action under way when it was written
-
-
-class ReconcilerMetrics:
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self.desired = Gauge(
-            "flywatch_desired_machines",
-            "Machines the policy wants per region.",
-            ["app", "region"],
-            registry=registry,
-        )
-        self.machines = Gauge(
-            "flywatch_machines",
-            "Machines of the process group by region and state.",
-            ["app", "region", "state"],
-            registry=registry,
-        )
-        self.actions = PromCounter(
-            "flywatch_scaling_actions",
-            "Scaling actions by result (done, skipped, failed, dry_run).",
-            ["app", "region", "action", "result"],
-            registry=registry,
-        )
-        self.tick_duration = Histogram(
-            "flywatch_tick_duration_seconds",
-            "Time one job's tick took.",
-            ["job"],
-            registry=registry,
-            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0),
-        )
-        self.last_tick = Gauge(
-            "flywatch_last_tick_timestamp_seconds",
-            "When each app's job last finished a tick.",
-            ["app", "job"],
-            registry=registry,
-        )
-        self.tick_errors = PromCounter(
-            "flywatch_tick_errors", "Ticks that failed, by app and job.", ["app", "job"], registry=registry
-        )
 
 
 def health_spec(policy: AppPolicy) -> HealthSpec:

@@ -82,3 +82,41 @@ class SourceMetrics:
             ["app", "source"],
             registry=registry,
         )
+
+
+class ReconcilerMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.desired = Gauge(
+            "flywatch_desired_machines",
+            "Machines the policy wants per region.",
+            ["app", "region"],
+            registry=registry,
+        )
+        self.machines = Gauge(
+            "flywatch_machines",
+            "Machines of the process group by region and state.",
+            ["app", "region", "state"],
+            registry=registry,
+        )
+        self.actions = Counter(
+            "flywatch_scaling_actions",
+            "Scaling actions by result (done, skipped, failed, dry_run).",
+            ["app", "region", "action", "result"],
+            registry=registry,
+        )
+        self.tick_duration = Histogram(
+            "flywatch_tick_duration_seconds",
+            "Time one job's tick took.",
+            ["job"],
+            registry=registry,
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0),
+        )
+        self.last_tick = Gauge(
+            "flywatch_last_tick_timestamp_seconds",
+            "When each app's job last finished a tick.",
+            ["app", "job"],
+            registry=registry,
+        )
+        self.tick_errors = Counter(
+            "flywatch_tick_errors", "Ticks that failed, by app and job.", ["app", "job"], registry=registry
+        )
