@@ -175,6 +175,7 @@ class Reconciler:
         self._clock = clock
         self._metrics = metrics
         self.latest_health: dict[str, AppHealth] = {}
+        self._states_shown: dict[tuple[str, str], set[str]] = {}
         # a dry run keeps its own memory: it must never move the cooldowns of a live daemon on the same store
         self._scaling_ns = f"{SCALING}-dry-run" if actuator.dry_run else SCALING
         self.status: dict[str, AppStatus] = {}
@@ -257,6 +258,7 @@ class Reconciler:
                 )
             )
         decisions: list[Decision] = []
+        results: dict[str, ActionResult] = {}
         if scaling is not None:
             memories = {}
             for region in regions:
@@ -296,7 +298,7 @@ class Reconciler:
                 await self._store.put(self._scaling_ns, f"{app}/{decision.region}", memory_to_json(memory))
                 await self._record(app, now, decision, result, reading.error if reading else "")
         name = metric_spec(scaling, policy.process_group).name if scaling is not None else ""
-        self._report(app, now, status, inputs, decisions, reading.error if reading else "", name)
+        self._report(app, now, status, inputs, decisions, reading.error if reading else "", name, results)
         self.first_tick_done = True
         return decisions
 
@@ -382,13 +384,19 @@ class Reconciler:
         decisions: list[Decision],
         metric_error: str,
         metric_name: str = "",
+        results: dict[str, ActionResult] | None = None,
     ) -> None:
         by_region = {d.region: d for d in decisions}
         status.last_tick = now
         for region in inputs:
             decision = by_region.get(region.region)
+            result = (results or {}).get(region.region)
+            shown = self._states_shown.setdefault((app, region.region), set())
+            for state in shown - set(region.machines):
+                self._metrics.machines.labels(app, region.region, state).set(0)  # none left in that state
             for state, count in region.machines.items():
                 self._metrics.machines.labels(app, region.region, state).set(count)
+            shown.update(region.machines)
             if decision is not None:
                 self._metrics.desired.labels(app, region.region).set(decision.desired)
             status.regions[region.region] = {
@@ -413,6 +421,10 @@ class Reconciler:
                     "rule": decision.rule,
                     "reason": decision.reason,
                     "not_acting": dict(decision.not_acting),
+                    "outcome": "none"
+                    if result is None
+                    else ("dry_run" if result.dry_run else result.outcome.value),
+                    "result": result.reason if result is not None else "",
                 },
             }
         self._metrics.last_tick.labels(app, "reconcile").set(now)
