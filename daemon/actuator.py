@@ -35,6 +35,7 @@ from daemon.core.machines import (
 from daemon.core.plan import (
     Action,
     ActionResult,
+    Destroy,
     MachineStep,
     Outcome,
     Rollout,
@@ -151,6 +152,8 @@ class Actuator:
                 result = await self._scale_down(action)
             elif isinstance(action, Rollout):
                 result = await self._rollout(action)
+            elif isinstance(action, Destroy):
+                result = await self._destroy(action)
             else:
                 assert_never(action)
         except errors.FlyApiError as exc:
@@ -425,6 +428,35 @@ class Actuator:
             return await self._verify(app, machine.id, updated.instance_id, target.image)
 
         return await self._leased(app, machine, "update", work)
+
+    # ------------------------------------------------------------------ destroy
+
+    async def _destroy(self, action: Destroy) -> ActionResult:
+        if self.dry_run:
+            return self._dry(action, [f"destroy {mid}" for mid in action.machine_ids])
+        steps = list(
+            await asyncio.gather(*(self._destroy_one(action.app, mid) for mid in action.machine_ids))
+        )
+        return summarise(action, steps, len(action.machine_ids))
+
+    async def _destroy_one(self, app: str, machine_id: str) -> MachineStep:
+        try:
+            machine = await self._client.get_machine(app, machine_id)
+        except errors.NotFound:
+            return MachineStep(machine_id, "destroy", Outcome.DONE, "already gone")
+        except errors.FlyApiError as exc:
+            return MachineStep(machine_id, "destroy", Outcome.FAILED, str(exc))
+        if machine.state in {"destroyed", "destroying"}:
+            return MachineStep(machine_id, "destroy", Outcome.DONE, "already gone", machine.region)
+
+        async def work(held: HeldLease) -> str:
+            held.check()
+            # NotFound: a retried destroy whose first try worked; it is gone, as asked
+            with contextlib.suppress(errors.NotFound):
+                await self._client.destroy_machine(app, machine_id, force=True, nonce=held.nonce)
+            return f"destroyed (was {machine.state})"
+
+        return await self._leased(app, machine, "destroy", work)
 
     async def _await_started(self, app: str, machine_id: str, version: str | None) -> None:
         """Until this version of the machine is started; if it ends `failed`, fail now, not at the timeout."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import logging
 import signal
 from collections.abc import Awaitable, Callable
@@ -22,10 +23,12 @@ from prometheus_client import CollectorRegistry, Counter
 
 from daemon import __version__
 from daemon.actuator import Actuator
+from daemon.alerts import Alerter, WebhookTarget
 from daemon.clock import Clock, SystemClock
 from daemon.config import LoadedPolicy, PolicyError, load_policy
 from daemon.fly.client import MachinesClient
 from daemon.reconciler import DECISIONS, Reconciler
+from daemon.releases import ReleaseWatch
 from daemon.scheduler import Scheduler
 from daemon.settings import Settings
 from daemon.sources.health import HealthWatch
@@ -33,10 +36,18 @@ from daemon.sources.metrics import MetricWatch
 from daemon.sources.probes import Prober
 from daemon.sources.prometheus import PromQL
 from daemon.sources.scrape import Scraper
+from daemon.sources.traffic import TrafficReader
 from daemon.store import open_store
 from daemon.store.base import Store
 from daemon.telemetry.logging import register_secret
-from daemon.telemetry.metrics import ApiMetrics, HealthMetrics, ReconcilerMetrics, SourceMetrics
+from daemon.telemetry.metrics import (
+    AlertMetrics,
+    ApiMetrics,
+    HealthMetrics,
+    ReconcilerMetrics,
+    ReleaseMetrics,
+    SourceMetrics,
+)
 from daemon.telemetry.server import TelemetryServer
 
 log = logging.getLogger("flywatch")
@@ -68,6 +79,8 @@ class Daemon:
         self._mtime: float | None = None
         self.store: Store | None = None
         self.reconciler: Reconciler | None = None
+        self.releases: ReleaseWatch | None = None
+        self.alerter: Alerter | None = None
         self.server: TelemetryServer | None = None
 
     # ------------------------------------------------------------------ start
@@ -97,14 +110,25 @@ class Daemon:
                 token=self.settings.prometheus_credential(),
             )
             self._closers.append(promql.aclose)
+        source_metrics = SourceMetrics(self.registry)
+        traffic = TrafficReader(self.clock, promql, source_metrics)
+        self._closers.append(traffic.aclose)
+        self.alerter = Alerter(_webhooks(self.loaded), self.clock, AlertMetrics(self.registry))
+        self._closers.append(self.alerter.aclose)
+        actuator = Actuator(client, self.clock, dry_run=self.settings.dry_run)
+        self.releases = ReleaseWatch(
+            client, actuator, traffic, self.store, self.clock, ReleaseMetrics(self.registry), self.alerter
+        )
         self.reconciler = Reconciler(
             client,
-            Actuator(client, self.clock, dry_run=self.settings.dry_run),
+            actuator,
             HealthWatch(prober, self.clock, HealthMetrics(self.registry)),
-            MetricWatch(self.clock, scraper, promql, SourceMetrics(self.registry)),
+            MetricWatch(self.clock, scraper, promql, source_metrics),
             self.store,
             self.clock,
             ReconcilerMetrics(self.registry),
+            self.releases,
+            self.alerter,
         )
         self.server = TelemetryServer(
             self.registry,
@@ -113,6 +137,9 @@ class Daemon:
             ready=self._ready,
             status=self.status,
             decisions=self.decisions,
+            releases=self.release_history,
+            rollback=self.request_rollback,
+            authorize=self._authorize,
         )
         await self.server.start()
         self._closers.append(self.server.stop)
@@ -133,15 +160,16 @@ class Daemon:
         for app, policy in self.loaded.policy.apps.items():
             wanted.add(f"probe:{app}")
             self._scheduler.every(f"probe:{app}", policy.health.interval, self._job, "probe", app)
-            if policy.scaling is not None:
-                wanted.add(f"reconcile:{app}")
-                self._scheduler.every(
-                    f"reconcile:{app}", policy.scaling.interval, self._job, "reconcile", app
-                )
+            # every app has a tick: the release watch runs in it, scaling too when the app has a policy for it
+            wanted.add(f"reconcile:{app}")
+            interval = policy.scaling.interval if policy.scaling is not None else policy.health.interval
+            self._scheduler.every(f"reconcile:{app}", interval, self._job, "reconcile", app)
         for job_id in set(self._scheduler.job_ids()) - wanted:
             self._scheduler.remove(job_id)  # an app (or its scaling) that the new policy no longer has
         for webhook in self.loaded.policy.alerts.webhooks:
             register_secret(webhook.url.get_secret_value())  # a webhook URL never appears in a log line
+        if self.alerter is not None:
+            self.alerter.configure(_webhooks(self.loaded))
 
     async def _job(self, kind: str, app: str) -> None:
         """A scheduled tick; it reads the policy in force when it starts, and is waited for on stop."""
@@ -222,7 +250,31 @@ class Daemon:
                 "last_error": self.policy_error,
             },
             "apps": self.reconciler.status_json() if self.reconciler else {},
+            "releases": dict(self.releases.status) if self.releases else {},
         }
+
+    async def release_history(self, app: str | None, limit: int) -> list[dict[str, Any]]:
+        if self.releases is None:
+            return []
+        return await self.releases.history(app, limit)
+
+    async def request_rollback(self, app: str, to: int | None, by: str) -> dict[str, Any]:
+        if self.loaded is None or self.releases is None or app not in self.loaded.policy.apps:
+            raise LookupError(f"{app} is not an app of the policy")
+        if self.loaded.policy.apps[app].release.on_failure == "none":
+            log.info("rollback of %s asked for by hand (its policy rolls nothing back by itself)", app)
+        return await self.releases.request_rollback(app, to, by)
+
+    def _authorize(self, header: str) -> bool:
+        """A rollback by hand needs the daemon's own Fly token: whoever holds it could change the machines
+        through Fly's API anyway; anyone else on the private network cannot."""
+        token = self.settings.fly_api_token.get_secret_value() if self.settings.fly_api_token else ""
+        scheme, _, given = header.partition(" ")
+        return (
+            bool(token)
+            and scheme.lower() in {"bearer", "flyv1"}
+            and hmac.compare_digest(given.strip().encode(), token.removeprefix("FlyV1 ").encode())
+        )
 
     async def decisions(self, app: str | None, limit: int) -> list[dict[str, Any]]:
         if self.store is None:
@@ -279,6 +331,10 @@ class Daemon:
             await self.stop()
             for sig in installed:
                 loop.remove_signal_handler(sig)
+
+
+def _webhooks(loaded: LoadedPolicy) -> list[WebhookTarget]:
+    return [WebhookTarget(w.url.get_secret_value(), w.format) for w in loaded.policy.alerts.webhooks]
 
 
 def _mtime(path: Path) -> float | None:

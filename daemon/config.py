@@ -238,6 +238,22 @@ class ScalingPolicy(Model):
         return self.metric.max_age if self.metric.max_age is not None else max(3 * self.interval, 30.0)
 
 
+class ReleaseTraffic(Model):
+    """Where a release's requests, 5xx answers and latency are read, per machine (so that they are counted
+    for the release each machine runs): its own /metrics page, or PromQL by `instance` (the machine id)."""
+
+    source: Literal["scrape", "promql"] = "scrape"
+    port: Annotated[int, Field(ge=1, le=65535)] = 8080
+    path: Annotated[str, Field(pattern=r"^/")] = "/metrics"
+    requests: str = (
+        "app_http_requests_total"  # a counter with a status label (promql: fly_app_http_responses_count)
+    )
+    status_label: str = "status"
+    latency: str | None = (
+        "app_http_request_duration_seconds"  # a histogram (promql: fly_app_http_response_time_seconds)
+    )
+
+
 class ReleasePolicy(Model):
     bake: Duration = 300.0
     max_error_ratio: Annotated[float, Field(ge=0.0, le=1.0)] = 0.05
@@ -246,6 +262,10 @@ class ReleasePolicy(Model):
     min_requests: Annotated[int, Field(ge=0)] = 50  # fewer during the bake: inconclusive, never rolled back
     on_failure: Literal["rollback", "alert", "none"] = "rollback"
     max_parallel: Annotated[int, Field(ge=1)] = 1
+    # a deploy still holding leases is waited for this long; then only the machines it does not hold are
+    # rolled back (the report names the others, which are reverted once they are free)
+    lease_wait: Duration = 60.0
+    traffic: ReleaseTraffic = Field(default_factory=ReleaseTraffic)
 
 
 class AppPolicy(Model):

@@ -13,10 +13,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from daemon.actuator import Actuator
+from daemon.alerts import Alert, Alerter
 from daemon.clock import Clock
 from daemon.config import AppPolicy, ScalingPolicy
-from daemon.core.health import Hysteresis, ProbeConditions
+from daemon.core.health import Hysteresis, ProbeConditions, RegionState
 from daemon.core.plan import Action, ActionResult, Outcome, ScaleDown, ScaleDownMode, ScaleUp
+from daemon.core.release_watch import Hold
 from daemon.core.samples import Aggregate
 from daemon.core.scaling import (
     HOLD,
@@ -34,6 +36,7 @@ from daemon.core.scaling import (
 )
 from daemon.fly.client import MachinesClient
 from daemon.fly.models import Machine
+from daemon.releases import ReleaseWatch
 from daemon.sources.fleet import in_group
 from daemon.sources.health import AppHealth, HealthSpec, HealthWatch
 from daemon.sources.metrics import MachineCountSpec, MetricSpec, MetricWatch, PromQuerySpec, machine_counts
@@ -44,7 +47,6 @@ from daemon.telemetry.metrics import ReconcilerMetrics
 log = logging.getLogger("flywatch.reconciler")
 SCALING = "scaling"
 DECISIONS = "decisions"
-RELEASES_SEEN = "release_seen"
 TRANSITIONS = ("starting", "stopping", "suspending", "replacing", "updating", "restarting")
 IN_FLIGHT = "in_flight"  # in a region's scaling memory: the action under way when it was written
 
@@ -116,16 +118,13 @@ def rules_of(scaling: ScalingPolicy) -> Rules:
     )
 
 
-def release_activity(machines: list[Machine], first_seen: float | None, now: float, bake: float) -> str:
-    """Why a release is rolling out or baking now ("" if none): mixed release versions, or the newest one
-    first seen less than `bake` seconds ago."""
+def rollout_activity(machines: list[Machine]) -> str:
+    """Why a rollout is under way now ("" if none): mixed release versions, or machines being replaced."""
     versions = {m.release_version for m in machines if m.release_version is not None}
     if len(versions) > 1:
         return f"machines run releases {', '.join(str(v) for v in sorted(versions))}: a rollout is under way"
     if any(m.state in {"replacing", "updating"} for m in machines):
         return "machines are being replaced"
-    if versions and first_seen is not None and now - first_seen < bake:
-        return f"release {max(versions)} is baking ({now - first_seen:.0f}s of {bake:g}s)"
     return ""
 
 
@@ -166,7 +165,12 @@ class Reconciler:
         store: Store,
         clock: Clock,
         metrics: ReconcilerMetrics,
+        releases: ReleaseWatch | None = None,
+        alerter: Alerter | None = None,
     ) -> None:
+        self._releases = releases
+        self._alerter = alerter
+        self._region_states: dict[tuple[str, str], RegionState] = {}
         self._client = client
         self._actuator = actuator
         self._health = health
@@ -190,12 +194,32 @@ class Reconciler:
             health = await self._health.observe(app, machines, health_spec(policy))
             self.latest_health[app] = health
             self.latest_health.update(self._health.judge_all(self.latest_health))
+            self._tell_regions(app, self.latest_health[app])
             self._metrics.last_tick.labels(app, "probe").set(self._clock.now())
         except Exception:
             self._metrics.tick_errors.labels(app, "probe").inc()
             log.exception("probe tick of %s failed", app)
         finally:
             self._metrics.tick_duration.labels("probe").observe(time.perf_counter() - started)
+
+    def _tell_regions(self, app: str, health: AppHealth) -> None:
+        """Alert when a region goes down, and when it comes back. Unknown says nothing either way: a region
+        that was down, then unknown (our own connectivity in doubt), then healthy has recovered."""
+        for region, verdict in health.regions.items():
+            if verdict.state is RegionState.UNKNOWN:
+                continue
+            before = self._region_states.get((app, region))
+            self._region_states[(app, region)] = verdict.state
+            if self._alerter is None or before is verdict.state:
+                continue
+            if verdict.state is RegionState.DOWN:
+                event, summary = "region_down", f"{app}: {region} is down: {verdict.reason}"
+            elif before is RegionState.DOWN:
+                event, summary = "region_recovered", f"{app}: {region} recovered: {verdict.reason}"
+            else:
+                continue
+            log.warning("%s", summary)
+            self._alerter.notify(Alert(event=event, app=app, summary=summary, at=health.at, region=region))
 
     # ------------------------------------------------------------------ the reconcile job
 
@@ -234,7 +258,7 @@ class Reconciler:
             reading = await self._watch.read(
                 app, all_machines, regions, metric_spec(scaling, policy.process_group)
             )
-        release_active = await self._release_activity(app, machines, now, policy.release.bake)
+        release_hold = await self._release_activity(app, policy, all_machines, health)
         scrape = scaling.metric.scrape if scaling is not None else None
         per_machine = scrape is not None and scrape.aggregate in {"avg", "max"}
         inputs = []
@@ -268,13 +292,14 @@ class Reconciler:
                     # the daemon died in the middle of this action (kill -9, a crash), after what it did
                     # and before it was recorded: count it as done now, so that its cooldown is not lost
                     memories[region] = after_action(memories[region], stored[IN_FLIGHT], now)
-            rollout = release_activity(machines, None, now, 0.0)  # mixed releases or replacing: under way
+            # mixed releases or replacing: a rollout under way; a rollback or a failing release: the same
+            rollout = release_hold.all or rollout_activity(machines)
             decisions = decide(
                 now,
                 inputs,
                 rules_of(scaling),
                 memories,
-                release_active=release_active,
+                release_active=release_hold.down,
                 rollout_active=rollout,
             )
             if not self._actuator.dry_run:
@@ -302,17 +327,20 @@ class Reconciler:
         self.first_tick_done = True
         return decisions
 
-    async def _release_activity(self, app: str, machines: list[Machine], now: float, bake: float) -> str:
-        newest = max((m.release_version for m in machines if m.release_version is not None), default=None)
-        if newest is None:
-            return release_activity(machines, None, now, bake)
-        seen = await self._store.get(RELEASES_SEEN, app)
-        if seen is None or seen.get("version") != newest:
-            # the first tick that sees a release starts its bake (after a restart the store remembers; with
-            # no record at all, it is not assumed to have baked: scale-down waits one bake, to be safe)
-            seen = {"version": newest, "first_seen": now}
-            await self._store.put(RELEASES_SEEN, app, seen)
-        return release_activity(machines, float(seen["first_seen"]), now, bake)
+    async def _release_activity(
+        self, app: str, policy: AppPolicy, machines: list[Machine], health: AppHealth | None
+    ) -> Hold:
+        """The release watch's turn in the tick (it may roll a release back); why scaling must hold."""
+        if self._releases is None:
+            return Hold()
+        try:
+            return await self._releases.tick(app, policy, machines, health)
+        except Exception as exc:
+            # with the release watch blind, nothing says a release is not failing: scaling holds too
+            self._metrics.tick_errors.labels(app, "release").inc()
+            log.exception("release watch of %s failed", app)
+            why = f"release watch failed: {type(exc).__name__}: {exc}"
+            return Hold(why, why)
 
     async def _act(
         self, app: str, policy: AppPolicy, scaling: ScalingPolicy, decisions: list[Decision]

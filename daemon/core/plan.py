@@ -81,7 +81,21 @@ class Rollout:
         return "rollout"
 
 
-Action = ScaleUp | ScaleDown | Rollout
+@dataclass(frozen=True)
+class Destroy:
+    """Destroy these machines (a bad release's canaries), each under its lease; one already gone is done."""
+
+    app: str
+    machine_ids: tuple[str, ...]
+    reason: str
+    region: str = ""  # informational
+
+    @property
+    def kind(self) -> str:
+        return "destroy"
+
+
+Action = ScaleUp | ScaleDown | Rollout | Destroy
 
 
 @dataclass(frozen=True)

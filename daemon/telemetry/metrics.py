@@ -84,6 +84,39 @@ class SourceMetrics:
         )
 
 
+ROLLBACK_BUCKETS = (5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0, 3600.0)
+
+
+class ReleaseMetrics:
+    """What the release watch exports: the release each app runs, its verdict, and the rollbacks."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.info = Gauge(
+            "flywatch_release_info",
+            "1 for the release an app's machines run now (the newest one seen), 0 for the ones before it.",
+            ["app", "version", "image"],
+            registry=registry,
+        )
+        self.verdict = Gauge(
+            "flywatch_release_verdict",
+            "1 for the watched release's verdict (baking, healthy, failing, inconclusive), 0 for the others.",
+            ["app", "version", "verdict"],
+            registry=registry,
+        )
+        self.rollbacks = Counter(
+            "flywatch_rollbacks",
+            "Rollbacks by result (done, partial, failed).",
+            ["app", "result"],
+            registry=registry,
+        )
+        self.rollback_duration = Histogram(
+            "flywatch_rollback_duration_seconds",
+            "Time from the start of a rollback (the failing verdict) to its end.",
+            buckets=ROLLBACK_BUCKETS,
+            registry=registry,
+        )
+
+
 class ReconcilerMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.desired = Gauge(
@@ -119,4 +152,16 @@ class ReconcilerMetrics:
         )
         self.tick_errors = Counter(
             "flywatch_tick_errors", "Ticks that failed, by app and job.", ["app", "job"], registry=registry
+        )
+
+
+class AlertMetrics:
+    """What the alert sender counts: every delivery of an alert to one webhook, by how it ended."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.deliveries = Counter(
+            "flywatch_alerts",
+            "Alert deliveries to webhooks, by event and result (sent, failed, dropped).",
+            ["event", "result"],
+            registry=registry,
         )

@@ -9,6 +9,9 @@ a callable returns one.
     GET /readyz                   200 {"ok": true, "reason": ...} when ready, else 503 with the reason
     GET /status                   what `status()` answers, as JSON
     GET /decisions?app=&limit=    the newest decisions (limit 1..1000, default 50), a JSON array
+    GET /releases?app=&limit=     the newest release events (verdicts, rollbacks), the same way
+    POST /releases/{app}/rollback a rollback by hand, body {"to": VERSION} or {}; only with the daemon's own
+                                  Fly token as `Authorization: Bearer` (202, or 401, 409, 400 with why)
 
 Anything else is a JSON 404 (or 405 for a known path and another method). The sync callables run in the
 event loop, so they must answer from memory; `decisions` may await a store, within `call_timeout`.
@@ -40,6 +43,9 @@ Alive = Callable[[], bool]
 Ready = Callable[[], tuple[bool, str]]
 Status = Callable[[], dict[str, Any]]
 Decisions = Callable[[str | None, int], Awaitable[list[dict[str, Any]]]]
+# (app, to, by) -> the request as recorded; raises ValueError with why it cannot be taken
+RollbackRequest = Callable[[str, int | None, str], Awaitable[dict[str, Any]]]
+Authorize = Callable[[str], bool]  # the Authorization header -> whether it may ask for a rollback
 
 
 def parse_listen(listen: str) -> tuple[str, int]:
@@ -104,6 +110,9 @@ class TelemetryServer:
         ready: Ready,
         status: Status,
         decisions: Decisions,
+        releases: Decisions | None = None,
+        rollback: RollbackRequest | None = None,
+        authorize: Authorize | None = None,
         shutdown_timeout: float = 1.0,
         call_timeout: float = 5.0,
     ) -> None:
@@ -113,6 +122,9 @@ class TelemetryServer:
         self._ready = ready
         self._status = status
         self._decisions = decisions
+        self._releases = releases
+        self._rollback = rollback
+        self._authorize = authorize
         self._call_timeout = call_timeout
         app = web.Application(middlewares=[_errors_as_json])
         app.add_routes(
@@ -122,6 +134,8 @@ class TelemetryServer:
                 web.get("/readyz", self._readyz),
                 web.get("/status", self._status_page),
                 web.get("/decisions", self._decisions_page),
+                web.get("/releases", self._releases_page),
+                web.post("/releases/{app}/rollback", self._rollback_page),
             ]
         )
         # A handler still running at shutdown is cancelled after `shutdown_timeout` (a stuck store
@@ -213,6 +227,14 @@ class TelemetryServer:
         return _json(self._status())
 
     async def _decisions_page(self, request: web.Request) -> web.Response:
+        return await self._records_page(request, self._decisions, "decisions")
+
+    async def _releases_page(self, request: web.Request) -> web.Response:
+        if self._releases is None:
+            return _json({"error": "no release watch"}, 404)
+        return await self._records_page(request, self._releases, "release events")
+
+    async def _records_page(self, request: web.Request, source: Decisions, what: str) -> web.Response:
         app = request.query.get("app") or None
         raw = request.query.get("limit", "")
         limit = DEFAULT_LIMIT
@@ -229,8 +251,33 @@ class TelemetryServer:
                 )
         try:
             async with asyncio.timeout(self._call_timeout):
-                records = await self._decisions(app, limit)
+                records = await source(app, limit)
         except TimeoutError:
-            log.warning("decisions not read within %.1fs", self._call_timeout)
-            return _json({"error": f"decisions not read within {self._call_timeout:g}s"}, 504)
+            log.warning("%s not read within %.1fs", what, self._call_timeout)
+            return _json({"error": f"{what} not read within {self._call_timeout:g}s"}, 504)
         return _json(list(records))
+
+    async def _rollback_page(self, request: web.Request) -> web.Response:
+        if self._rollback is None or self._authorize is None:
+            return _json({"error": "rollbacks by hand are not served here"}, 404)
+        if not self._authorize(request.headers.get("Authorization", "")):
+            return _json({"error": "a rollback needs the daemon's Fly token as Authorization: Bearer"}, 401)
+        app = request.match_info["app"]
+        try:
+            body = await request.json() if request.can_read_body else {}
+        except ValueError:
+            return _json({"error": 'the body must be JSON, e.g. {"to": 41} or {}'}, 400)
+        to = body.get("to") if isinstance(body, dict) else None
+        if to is not None and (isinstance(to, bool) or not isinstance(to, int) or to < 1):
+            return _json({"error": f"to must be a release version (a positive integer), got {to!r}"}, 400)
+        by = str(body.get("by") or "cli") if isinstance(body, dict) else "cli"
+        try:
+            async with asyncio.timeout(self._call_timeout):
+                recorded = await self._rollback(app, to, by[:100])
+        except TimeoutError:
+            return _json({"error": f"rollback not recorded within {self._call_timeout:g}s"}, 504)
+        except LookupError as exc:
+            return _json({"error": str(exc)}, 404)
+        except ValueError as exc:
+            return _json({"error": str(exc)}, 409)
+        return _json({"ok": True, "app": app, "request": recorded}, 202)
