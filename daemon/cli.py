@@ -5,12 +5,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import getpass
 import logging
 import signal
+import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
+from urllib.parse import quote
 
 from daemon import __version__
 
@@ -27,6 +30,19 @@ def _positive_float(text: str) -> float:
     if value < 0:
         raise argparse.ArgumentTypeError(f"expected a number of seconds >= 0, got {text!r}")
     return value
+
+
+def _limit(text: str) -> int:
+    if not text.isascii() or not text.isdigit() or not 1 <= int(text) <= 1000:
+        raise argparse.ArgumentTypeError(f"expected a number from 1 to 1000, got {text!r}")
+    return int(text)
+
+
+def _release_version(text: str) -> int:
+    digits = text.removeprefix("v")
+    if not digits.isascii() or not digits.isdigit() or int(digits) < 1:
+        raise argparse.ArgumentTypeError(f"expected a release version such as 41 or v41, got {text!r}")
+    return int(digits)
 
 
 def _port(text: str) -> int:
@@ -59,17 +75,35 @@ def build_parser() -> argparse.ArgumentParser:
         "--config", type=Path, help="the policy file (default: FLYWATCH_CONFIG or config/flywatch.yaml)"
     )
 
-    for name, text in (
-        ("status", "per app and region: desired, machines, health, last decision"),
-        ("explain", "an app's regions and its recent decisions, with their reasons"),
+    url_help = "the daemon's address (default: from FLYWATCH_LISTEN, e.g. http://127.0.0.1:9091)"
+    for name, text, records in (
+        ("status", "per app and region: desired, machines, health, last decision", ""),
+        ("explain", "an app's regions and its recent decisions, with their reasons", "decisions"),
+        ("releases", "release watch of an app: verdicts, known-good release, rollbacks", "release events"),
     ):
         view = commands.add_parser(name, help=f"show a running daemon's {text}")
-        if name == "explain":
-            view.add_argument("app", help="the app to explain")
-            view.add_argument("--limit", type=int, default=20, help="how many decisions (default 20)")
-        view.add_argument(
-            "--url", help="the daemon's address (default: from FLYWATCH_LISTEN, e.g. http://127.0.0.1:9091)"
-        )
+        if records:
+            view.add_argument("app", help=f"the app whose {records} to show")
+            view.add_argument(
+                "--limit", type=_limit, default=20, help=f"how many {records}, 1..1000 (default 20)"
+            )
+        view.add_argument("--url", help=url_help)
+
+    rollback = commands.add_parser(
+        "rollback",
+        help="ask a running daemon to roll an app back (its next tick does it)",
+        description="Ask the daemon to roll APP back to a known-good release. The daemon records the request "
+        "and its next tick of the app carries it out; `flywatch releases APP` shows the progress. Needs the "
+        "daemon's own FLY_API_TOKEN in the environment.",
+    )
+    rollback.add_argument("app", help="the app to roll back")
+    rollback.add_argument(
+        "--to",
+        type=_release_version,
+        metavar="VERSION",
+        help="the release to go back to (default: the newest known-good one older than the one running)",
+    )
+    rollback.add_argument("--url", help=url_help)
 
     sim = commands.add_parser(
         "sim",
@@ -92,7 +126,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"sim": _run_sim, "run": _run_daemon, "check": _check, "status": _view, "explain": _view}
+    handlers = {
+        "sim": _run_sim,
+        "run": _run_daemon,
+        "check": _check,
+        "status": _view,
+        "explain": _view,
+        "releases": _view,
+        "rollback": _rollback,
+    }
     return handlers[args.command](args)
 
 
@@ -158,7 +200,7 @@ def _daemon_url(args: argparse.Namespace) -> str:
 def _view(args: argparse.Namespace) -> int:
     import httpx  # noqa: PLC0415
 
-    from daemon.views import render_explain, render_status  # noqa: PLC0415
+    from daemon.views import render_explain, render_releases, render_status  # noqa: PLC0415
 
     url = _daemon_url(args)
     try:
@@ -167,14 +209,80 @@ def _view(args: argparse.Namespace) -> int:
             if args.command == "status":
                 print(render_status(status))
                 return 0
-            decisions = client.get(
-                "/decisions", params={"app": args.app, "limit": args.limit}
-            ).raise_for_status()
-            print(render_explain(args.app, status, decisions.json()))
+            path, render = {
+                "explain": ("/decisions", render_explain),
+                "releases": ("/releases", render_releases),
+            }[args.command]
+            records = client.get(path, params={"app": args.app, "limit": args.limit}).raise_for_status()
+            print(render(args.app, status, records.json()))
             return 0
     except httpx.HTTPError as exc:
         print(f"flywatch {args.command}: cannot read {url}: {exc}", file=sys.stderr)
         return 1
+    except ValueError:  # not JSON: not a flywatch daemon, or a proxy's error page
+        print(
+            f"flywatch {args.command}: {url} did not answer JSON (is it a flywatch daemon?)", file=sys.stderr
+        )
+        return 1
+
+
+def _rollback(args: argparse.Namespace) -> int:
+    """POST the request with the daemon's own Fly token; the token is never printed, even in an error."""
+    import httpx  # noqa: PLC0415
+
+    from daemon.fly.auth import authorization  # noqa: PLC0415
+    from daemon.views import render_rollback_request  # noqa: PLC0415
+
+    secret = _settings(args).fly_api_token
+    token = secret.get_secret_value().strip() if secret is not None else ""
+    if not token:
+        print(
+            "flywatch rollback: FLY_API_TOKEN is not set (a rollback by hand needs the daemon's own token)",
+            file=sys.stderr,
+        )
+        return 2
+    url = _daemon_url(args)
+    body: dict[str, object] = {"by": _requester()}
+    if args.to is not None:
+        body["to"] = args.to
+    try:
+        with httpx.Client(base_url=url, timeout=10.0) as client:
+            response = client.post(
+                f"/releases/{quote(args.app, safe='')}/rollback",
+                json=body,
+                headers={"Authorization": authorization(token)},  # as the daemon sends it to Fly
+            )
+    except httpx.HTTPError as exc:
+        print(f"flywatch rollback: cannot reach {url}: {_scrub(str(exc), token)}", file=sys.stderr)
+        return 1
+    try:
+        answer = response.json()
+    except ValueError:
+        answer = None
+    answer = answer if isinstance(answer, dict) else {}
+    if response.status_code == 202:
+        print(_scrub(render_rollback_request(args.app, answer), token), end="")
+        return 0
+    why = str(answer.get("error") or response.reason_phrase or "no reason given")
+    if response.status_code == 401:
+        why += " (FLY_API_TOKEN here must be the daemon's own)"
+    print(f"flywatch rollback: {url} answered {response.status_code}: {_scrub(why, token)}", file=sys.stderr)
+    return 1
+
+
+def _requester() -> str:
+    """Who asks, for the rollback's reason and the release history."""
+    try:
+        user = getpass.getuser()
+    except (OSError, KeyError):  # no login name and no passwd entry (a bare container)
+        return "cli"
+    return f"{user}@{socket.gethostname()} via cli"
+
+
+def _scrub(text: str, token: str) -> str:
+    for secret in {token, token.removeprefix("FlyV1 ")}:
+        text = text.replace(secret, "[redacted]")
+    return text
 
 
 def _run_sim(args: argparse.Namespace) -> int:

@@ -186,6 +186,7 @@ class ReleaseWatch:
             step = advance(state, views, self._baseline_of(app, state, now), watch_policy, now)
             state = step.state
             events.extend(step.events)
+            self._export(app, state)  # the release judged now is shown, even if rolled back in this tick
         if self._rollback_pending(state, views):
             await self._save(app, state, stored)
             stored = state.to_json()

@@ -1,6 +1,6 @@
-"""Plain-text views for the CLI: `flywatch status` and `flywatch explain APP`.
+"""Plain-text views for the CLI: `flywatch status`, `flywatch explain APP` and `flywatch releases APP`.
 
-Pure functions over the JSON the daemon serves (GET /status and GET /decisions), so they are tested
+Pure functions over the JSON the daemon serves (GET /status, /decisions, /releases), so they are tested
 without a daemon and work against any daemon version: a field that is missing, null or of an unexpected
 type is shown as "-", never a crash. Times are shown in ISO 8601, UTC; pass `now` (seconds since the
 epoch) to also see how long ago they were.
@@ -26,6 +26,28 @@ region's machines by state. A /decisions item:
      "count": 1, "from": 2, "to": 3, "rule": "target_tracking", "reason": "...",
      "outcome": "done" | "skipped" | "failed" | "dry_run" | "none",
      "inputs": {"inflight": 42.0, "target": 20}, "not_acting": {"rule name": "why it did not act"}}
+
+/status also has "releases", per app the release watch's state:
+
+    {"shop": {"watched": {"version": 42, "id": "01J...", "image": "registry.fly.io/shop:v42",
+                          "verdict": "failing", "reason": "...", "numbers": {"error_rate": 0.12},
+                          "first_seen": 1790000000.0, "rollout_done_at": 1790000060.0,
+                          "after_rollback": false} | null,
+              "good": {"version": 41, "id": "...", "image": "...", "verdict": "healthy"} | null,
+              "rollback": {"from": {release}, "to": {release}, "state": "waiting|running|done|partial|failed",
+                           "by": "auto|manual", "reason": "...", "updated": ["m1"], "destroyed": ["c1"],
+                           "in_flight": [], "skipped": {"m2": "why"}, "failed": {"m3": "why"}, "note": "",
+                           "started_at": 1790000100.0, "finished_at": null} | null,
+              "halted": "", "bad": [40]}}
+
+A /releases item (newest first):
+
+    {"at": 1790000100.0, "app": "shop", "kind": "rollback_started", "summary": "rolling v42 back to v41 ...",
+     "release": {"version": 42, "id": "...", "image": "..."} | null, "numbers": {...}, "details": {...}}
+
+The answer to POST /releases/{app}/rollback (202):
+
+    {"ok": true, "app": "shop", "request": {"to": 41 | null, "at": 1790000100.0, "by": "alice@host via cli"}}
 """
 
 from __future__ import annotations
@@ -111,6 +133,139 @@ def render_explain(
     return "\n".join(lines) + "\n"
 
 
+def render_releases(
+    app: str,
+    status: Mapping[str, Any],
+    events: Sequence[Mapping[str, Any]],
+    *,
+    now: float | None = None,
+) -> str:
+    """An app's releases: the one watched (verdict, reason, numbers), the known-good one, the rollback
+    under way or the last one with its machines, why the watch halted, the releases marked bad; then the
+    release history newest first, one line per event."""
+    lines: list[str] = []
+    if _truthy(status.get("dry_run")):
+        lines.append("dry run: rollbacks are recorded, not carried out")
+    releases = status.get("releases")
+    policy_apps = _list(_mapping(status.get("policy")).get("apps"))
+    if not isinstance(releases, Mapping):
+        lines.append(f"{_cell(app)}: this daemon reports no release watch")
+    elif app in releases:
+        lines.extend(_release_state(app, _mapping(releases[app]), now))
+    elif app in policy_apps:
+        lines.append(f"{_cell(app)}  no release seen yet (never ticked)")
+    else:
+        known = ", ".join(sorted({_cell(name) for name in [*releases, *policy_apps]})) or "none"
+        lines.append(f"{_cell(app)}: not watched by this daemon (apps: {known})")
+    lines.append("")
+    mine = [_mapping(e) for e in _list(events) if _mapping(e).get("app") in (None, app)]
+    if not mine:
+        lines.append("no release events recorded")
+        return "\n".join(lines) + "\n"
+    lines.append("release history, newest first:")
+    rows = [
+        [
+            _when(event.get("at"), now),
+            _cell(event.get("kind")),
+            _version(event.get("release")),
+            _cell(event.get("summary")),
+        ]
+        for event in sorted(mine, key=_decision_time, reverse=True)
+    ]
+    lines.extend(_table(["AT", "KIND", "RELEASE", "SUMMARY"], rows, indent="  "))
+    return "\n".join(lines) + "\n"
+
+
+def render_rollback_request(app: str, answer: Mapping[str, Any], *, now: float | None = None) -> str:
+    """What a 202 to POST /releases/{app}/rollback means: the request as recorded, and what happens next."""
+    request = _mapping(answer.get("request"))
+    to = request.get("to")
+    target = f"v{_num(to)}" if _number(to) else "the newest known-good release older than the one running"
+    return (
+        f"rollback of {_cell(app)} recorded: to {target}"
+        f" (asked by {_cell(request.get('by'))} at {_when(request.get('at'), now)})\n"
+        f"the daemon's next tick of {_cell(app)} carries it out, or refuses it saying why;\n"
+        f"`flywatch releases {_cell(app)}` shows its progress\n"
+    )
+
+
+def _release_state(app: str, entry: Mapping[str, Any], now: float | None) -> list[str]:
+    lines = [f"{_cell(app)}  release watch"]
+    watched = _mapping(entry.get("watched"))
+    if watched:
+        lines.append(f"  watched     {_release(watched)}  verdict {_cell(watched.get('verdict'))}")
+        lines.extend(_wrapped("reason", _cell(watched.get("reason"))))
+        numbers = _mapping(watched.get("numbers"))
+        if numbers:
+            lines.extend(
+                _wrapped("numbers", ", ".join(f"{_cell(k)}={_value(v)}" for k, v in numbers.items()))
+            )
+        seen = f"    first seen {_when(watched.get('first_seen'), now)}"
+        seen += f"  rolled out {_when(watched.get('rollout_done_at'), now)}"
+        if _truthy(watched.get("after_rollback")):
+            seen += "  (the release a rollback went back to)"
+        lines.append(seen)
+    else:
+        lines.append("  watched     none seen yet")
+    good = _mapping(entry.get("good"))
+    if good:
+        lines.append(f"  known good  {_release(good)}  verdict {_cell(good.get('verdict'))}")
+    else:
+        lines.append("  known good  none on record")
+    lines.extend(_rollback_lines(_mapping(entry.get("rollback")), now))
+    if entry.get("halted"):
+        lines.extend(_wrapped("halted", _cell(entry.get("halted")), indent="  "))
+    bad = [f"v{_num(v)}" for v in _list(entry.get("bad")) if _number(v)]
+    if bad:
+        lines.append(f"  marked bad  {', '.join(bad)}")
+    return lines
+
+
+def _rollback_lines(rollback: Mapping[str, Any], now: float | None) -> list[str]:
+    if not rollback:
+        return ["  rollback    none"]
+    head = f"{_version(rollback.get('from'))} -> {_version(rollback.get('to'))}"
+    to_image = _mapping(rollback.get("to")).get("image")
+    if to_image:
+        head += f" ({_cell(to_image)})"
+    lines = [f"  rollback    {head}  {_cell(rollback.get('state'))}  by {_cell(rollback.get('by'))}"]
+    lines.extend(_wrapped("reason", _cell(rollback.get("reason"))))
+    lines.append(
+        f"    started {_when(rollback.get('started_at'), now)}"
+        f"  finished {_when(rollback.get('finished_at'), now)}"
+    )
+    touched = False
+    for key, label in (("updated", "updated"), ("destroyed", "destroyed"), ("in_flight", "in flight")):
+        ids = [_cell(machine) for machine in _list(rollback.get(key))]
+        if ids:
+            touched = True
+            lines.extend(_wrapped(label, ", ".join(ids)))
+    for key, label in (("skipped", "skipped (held by others)"), ("failed", "failed")):
+        reasons = _mapping(rollback.get(key))
+        if reasons:
+            touched = True
+            lines.append(f"    {label}:")
+            width = max(len(_cell(machine)) for machine in reasons)
+            lines.extend(f"      {_cell(m).ljust(width)}  {_cell(why)}" for m, why in reasons.items())
+    if not touched:
+        lines.append("    no machine changed yet")
+    if rollback.get("note"):
+        lines.extend(_wrapped("note", _cell(rollback.get("note"))))
+    return lines
+
+
+def _release(release: Mapping[str, Any]) -> str:
+    text = f"{_version(release)}  {_cell(release.get('image'))}"
+    if release.get("id"):
+        text += f"  id {_cell(release.get('id'))}"
+    return text
+
+
+def _version(release: Any) -> str:
+    version = _mapping(release).get("version")
+    return f"v{_num(version)}" if _number(version) else NONE
+
+
 def _header(status: Mapping[str, Any], now: float | None) -> list[str]:
     ready = status.get("ready")
     if ready is None:
@@ -191,15 +346,15 @@ def _decision_lines(record: Mapping[str, Any], now: float | None) -> list[str]:
     return lines
 
 
-def _wrapped(label: str, text: str) -> list[str]:
+def _wrapped(label: str, text: str, indent: str = "    ") -> list[str]:
     return textwrap.wrap(
         f"{label}: {text}",
         width=WIDTH,
-        initial_indent="    ",
-        subsequent_indent="      ",
+        initial_indent=indent,
+        subsequent_indent=indent + "  ",
         break_long_words=False,
         break_on_hyphens=False,
-    ) or [f"    {label}: {NONE}"]
+    ) or [f"{indent}{label}: {NONE}"]
 
 
 def _table(headers: Sequence[str], rows: Iterable[Sequence[str]], indent: str = "") -> list[str]:

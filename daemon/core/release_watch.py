@@ -355,7 +355,10 @@ def _on_verdict(
         return state, []
     if watched.after_rollback:
         why = f"the release rolled back to, {release.label}, fails too: {judgement.reason}; {STOPPED}"
-        return replace(state, halted=why), [Event("rollback_failed", why, release, numbers, alert=True)]
+        # the release rolled back to is no longer known-good: no later rollback may return to it
+        return replace(state, halted=why, good=None), [
+            Event("rollback_failed", why, release, numbers, alert=True)
+        ]
     failing = f"{release.label} ({release.image}) is failing: {judgement.reason}"
     if policy.on_failure == "none":
         return state, []

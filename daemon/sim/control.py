@@ -7,6 +7,7 @@ log of every mutation). It needs no token: it is the test bench, not Fly.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
@@ -205,6 +206,7 @@ class Control:
                     "offered_rps": cond.offered_rps if cond else 0.0,
                     "latency": cond.latency if cond else None,
                     "inflight": cond.inflight if cond else 0.0,
+                    "config": copy.deepcopy(machine.config),  # the truth, whatever the API may show
                 }
             )
         return {

@@ -179,7 +179,7 @@ def test_sums_judged_by_ratio_and_quantile() -> None:
     slow = Traffic(30, 9, ((0.1, 0), (1.0, 30), (INF, 30)))
     combined = fast + slow
     assert combined.error_ratio == pytest.approx(0.25)
-    assert combined.buckets == ((0.1, 10), (1.0, 40), (INF, 40))
+    assert combined.buckets == ((0.1, 10.0), (1.0, 40.0), (INF, 40.0))
     assert combined.quantile(0.5) == pytest.approx(0.1 + 0.9 * (20 - 10) / (40 - 10))
-    assert Traffic().error_ratio is None
-    assert Traffic().quantile(0.95) is None
+    nothing = Traffic()
+    assert (nothing.error_ratio, nothing.quantile(0.95)) == (None, None)

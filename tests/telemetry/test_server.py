@@ -1,4 +1,4 @@
-"""The telemetry HTTP server over real HTTP: metrics, health, readiness, status, decisions, errors."""
+"""The telemetry HTTP server over real HTTP: metrics, health, readiness, status, decisions, releases."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ import httpx
 import pytest
 from prometheus_client import CollectorRegistry, Counter
 
+from daemon.app import Daemon as FlywatchDaemon
+from daemon.settings import Settings
 from daemon.telemetry.logging import REDACTED
 from daemon.telemetry.server import TelemetryServer, parse_listen
 from tests.telemetry.conftest import SECRET, WEBHOOK
@@ -369,3 +371,224 @@ async def test_stop_cuts_a_stuck_request_after_the_shutdown_timeout(
         assert loop.time() - started < 2.0
         with pytest.raises(httpx.HTTPError):
             await request
+
+
+MACAROON = SECRET.removeprefix("FlyV1 ")  # the part after the scheme: a bearer of it may roll back too
+
+
+@dataclass
+class Releases:
+    """The release watch's callables the server is handed, as plain state a test can change; the
+    authorization is the daemon's own, over the daemon's token (SECRET)."""
+
+    events: list[dict[str, Any]] = field(default_factory=list)
+    calls: list[tuple[str | None, int]] = field(default_factory=list)
+    asked: list[tuple[str, int | None, str]] = field(default_factory=list)
+    failure: Exception | None = None
+    answer: dict[str, Any] = field(default_factory=dict)
+
+    async def history(self, app: str | None, limit: int) -> list[dict[str, Any]]:
+        self.calls.append((app, limit))
+        return self.events[:limit]
+
+    async def rollback(self, app: str, to: int | None, by: str) -> dict[str, Any]:
+        self.asked.append((app, to, by))
+        if self.failure is not None:
+            raise self.failure
+        return {"to": to, "at": 1790000100.0, "by": by, **self.answer}
+
+
+@pytest.fixture
+def releases() -> Releases:
+    return Releases()
+
+
+@pytest.fixture
+async def release_http(
+    daemon: Daemon, releases: Releases, registry: CollectorRegistry
+) -> AsyncIterator[httpx.AsyncClient]:
+    """A client of a server with a release watch, authorizing as the daemon does with its Fly token."""
+    authorize = FlywatchDaemon(Settings(FLY_API_TOKEN=SECRET))._authorize  # type: ignore[call-arg]
+    server = daemon.server(
+        registry, releases=releases.history, rollback=releases.rollback, authorize=authorize
+    )
+    async with server, httpx.AsyncClient(base_url=server.url, timeout=5.0) as client:
+        yield client
+
+
+async def test_release_events_default_to_fifty_for_every_app(
+    releases: Releases, release_http: httpx.AsyncClient
+) -> None:
+    """/releases without parameters asks for 50 events of every app and answers them, redacted."""
+    releases.events = [{"app": "shop", "kind": "rollback_failed", "summary": f"401 with {SECRET}"}]
+    response = await release_http.get("/releases")
+    assert response.status_code == 200
+    assert response.json() == [{"app": "shop", "kind": "rollback_failed", "summary": f"401 with {REDACTED}"}]
+    assert releases.calls == [(None, 50)]
+
+
+@pytest.mark.parametrize(
+    ("query", "answer"), [("app=shop&limit=2", (200, ("shop", 2))), ("limit=0", (400, None))]
+)
+async def test_release_events_take_app_and_limit_like_decisions(
+    releases: Releases, release_http: httpx.AsyncClient, query: str, answer: tuple[int, Any]
+) -> None:
+    """/releases hands app and limit on as /decisions does, and refuses a limit outside 1..1000 with a 400."""
+    code, call = answer
+    assert (await release_http.get(f"/releases?{query}")).status_code == code
+    assert releases.calls == ([call] if call else [])
+
+
+async def test_without_a_release_watch_the_release_routes_are_404(http: httpx.AsyncClient) -> None:
+    """A server handed no release watch answers its two routes with a JSON 404 saying so."""
+    history = await http.get("/releases")
+    assert (history.status_code, history.json()) == (404, {"error": "no release watch"})
+    rollback = await http.post("/releases/shop/rollback", json={}, headers={"Authorization": SECRET})
+    assert rollback.status_code == 404
+    assert "not served here" in rollback.json()["error"]
+
+
+@pytest.mark.parametrize(
+    ("authorization", "body", "asked"),
+    [
+        (SECRET, {"to": 41}, ("shop", 41, "cli")),  # a macaroon as is, as Fly's clients send it
+        (f"Bearer {MACAROON}", {}, ("shop", None, "cli")),
+        (
+            f"bearer {MACAROON}",
+            {"to": None, "by": "alice@laptop via cli"},
+            ("shop", None, "alice@laptop via cli"),
+        ),
+        (SECRET, None, ("shop", None, "cli")),  # no body at all: the newest known-good release
+        (SECRET, {"to": 7, "by": "x" * 300}, ("shop", 7, "x" * 100)),  # who asked is cut to 100 characters
+    ],
+)
+async def test_a_rollback_with_the_daemons_token_is_recorded(
+    releases: Releases,
+    release_http: httpx.AsyncClient,
+    authorization: str,
+    body: dict[str, Any] | None,
+    asked: tuple[str, int | None, str],
+) -> None:
+    """With the daemon's token the request is handed on (app, to, who asked) and answered 202 with it."""
+    headers = {"Authorization": authorization}
+    if body is None:
+        response = await release_http.post("/releases/shop/rollback", headers=headers)
+    else:
+        response = await release_http.post("/releases/shop/rollback", json=body, headers=headers)
+    assert response.status_code == 202
+    assert releases.asked == [asked]
+    assert response.json() == {
+        "ok": True,
+        "app": "shop",
+        "request": {"to": asked[1], "at": 1790000100.0, "by": asked[2]},
+    }
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},
+        {"Authorization": ""},
+        {"Authorization": "Bearer"},
+        {"Authorization": "Bearer wrong-token"},
+        {"Authorization": f"Bearer {MACAROON}x"},
+        {"Authorization": f"Bearer {MACAROON[:-1]}"},
+        {"Authorization": f"Basic {MACAROON}"},
+        {"Authorization": MACAROON},
+        {"X-Fly-Token": SECRET},
+    ],
+)
+async def test_a_rollback_without_the_daemons_token_is_a_401(
+    releases: Releases, release_http: httpx.AsyncClient, headers: dict[str, str]
+) -> None:
+    """Without the daemon's own token, or with another, the answer is 401 and nothing is recorded."""
+    response = await release_http.post("/releases/shop/rollback", json={"to": 41}, headers=headers)
+    assert response.status_code == 401
+    assert "Authorization: Bearer" in response.json()["error"]
+    assert releases.asked == []
+    assert MACAROON not in response.text
+
+
+@pytest.mark.parametrize(
+    ("content", "named"),
+    [
+        (b"{", "must be JSON"),
+        (b"to=41", "must be JSON"),
+        (b'{"to": "41"}', "'41'"),
+        (b'{"to": 0}', "0"),
+        (b'{"to": -3}', "-3"),
+        (b'{"to": true}', "True"),
+        (b'{"to": 41.5}', "41.5"),
+        (b'{"to": [41]}', "[41]"),
+    ],
+)
+async def test_a_bad_rollback_body_is_a_400_and_nothing_is_recorded(
+    releases: Releases, release_http: httpx.AsyncClient, content: bytes, named: str
+) -> None:
+    """A body that is not JSON, or a `to` that is not a positive integer, is a 400 saying what is wrong."""
+    response = await release_http.post(
+        "/releases/shop/rollback",
+        content=content,
+        headers={"Authorization": SECRET, "Content-Type": "application/json"},
+    )
+    assert response.status_code == 400
+    assert named in response.json()["error"]
+    assert releases.asked == []
+
+
+@pytest.mark.parametrize(
+    ("failure", "code"),
+    [
+        (LookupError("blog is not an app of the policy"), 404),
+        (ValueError("a rollback of shop is already under way"), 409),
+    ],
+)
+async def test_a_rollback_that_cannot_be_taken_says_why(
+    releases: Releases, release_http: httpx.AsyncClient, failure: Exception, code: int
+) -> None:
+    """An app not in the policy is a 404 and a request that cannot be taken a 409, each with the reason."""
+    releases.failure = failure
+    response = await release_http.post("/releases/shop/rollback", json={}, headers={"Authorization": SECRET})
+    assert (response.status_code, response.json()) == (code, {"error": str(failure)})
+
+
+async def test_a_slow_rollback_request_is_a_504(daemon: Daemon, registry: CollectorRegistry) -> None:
+    """A rollback request the store does not record within call_timeout is a 504, not a hung request."""
+
+    async def stuck(app: str, to: int | None, by: str) -> dict[str, Any]:
+        await asyncio.sleep(5.0)
+        return {}
+
+    server = daemon.server(
+        registry, rollback=stuck, authorize=lambda header: header == "Bearer ok", call_timeout=0.05
+    )
+    async with server, httpx.AsyncClient(base_url=server.url) as client:
+        response = await client.post(
+            "/releases/shop/rollback", json={}, headers={"Authorization": "Bearer ok"}
+        )
+    assert response.status_code == 504
+    assert "not recorded within" in response.json()["error"]
+
+
+@pytest.mark.parametrize("outcome", ["recorded", "refused", "not found"])
+async def test_a_rollback_answer_never_shows_the_token(
+    releases: Releases, release_http: httpx.AsyncClient, outcome: str
+) -> None:
+    """Whatever the rollback callable answers or raises with the token in it, the answer is redacted."""
+    releases.answer = {"note": f"sent {SECRET}"}
+    releases.failure = {"recorded": None, "refused": ValueError(SECRET), "not found": KeyError(SECRET)}[
+        outcome
+    ]
+    response = await release_http.post(
+        "/releases/shop/rollback", json={"by": SECRET}, headers={"Authorization": SECRET}
+    )
+    assert response.status_code in {202, 404, 409}
+    assert SECRET not in response.text
+    assert REDACTED in response.text
+
+
+async def test_the_rollback_route_takes_only_post(release_http: httpx.AsyncClient) -> None:
+    """GET on the rollback route is a JSON 405 naming POST."""
+    response = await release_http.get("/releases/shop/rollback")
+    assert response.status_code == 405
+    assert "POST" in response.headers["allow"]

@@ -1,4 +1,4 @@
-"""The CLI's plain-text views of /status and /decisions: aligned tables, every field, never a crash."""
+"""The CLI's plain-text views of /status, /decisions and /releases: aligned tables, every field, no crash."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from daemon import views
-from daemon.views import render_explain, render_status
+from daemon.views import render_explain, render_releases, render_rollback_request, render_status
 
 T0 = 1790000000.0  # 2026-09-21T14:13:20Z
 
@@ -348,3 +348,279 @@ def test_ages_read_like_people_say_them(seconds: Any, text: str) -> None:
 def test_numbers_are_short(value: Any, text: str) -> None:
     """Counts as integers, measurements with four significant digits; a non-number is "-"."""
     assert views._num(value) == text
+
+
+def example_releases_status() -> dict[str, Any]:
+    status = example_status()
+    status["releases"] = {
+        "shop": {
+            "watched": {
+                "version": 42,
+                "id": "01JREL42",
+                "image": "registry.fly.io/shop:v42",
+                "verdict": "failing",
+                "reason": "error rate 12% against 1% for v41",
+                "numbers": {"error_rate": 0.12, "baseline_error_rate": 0.01, "requests": 5000},
+                "first_seen": T0,
+                "rollout_done_at": T0 + 60,
+                "after_rollback": False,
+            },
+            "good": {
+                "version": 41,
+                "id": "01JREL41",
+                "image": "registry.fly.io/shop:v41",
+                "verdict": "healthy",
+            },
+            "rollback": {
+                "from": {"version": 42, "id": "01JREL42", "image": "registry.fly.io/shop:v42"},
+                "to": {"version": 41, "id": "01JREL41", "image": "registry.fly.io/shop:v41"},
+                "state": "partial",
+                "by": "auto",
+                "reason": "error rate 12% against 1% for v41",
+                "updated": ["m1", "m2"],
+                "destroyed": ["c1"],
+                "in_flight": [],
+                "skipped": {"m4": "leased by others past the wait: deploy"},
+                "failed": {"m5": "update: 500 internal error"},
+                "note": "m4 is reverted once its lease is released",
+                "started_at": T0 + 100,
+                "finished_at": T0 + 130,
+            },
+            "halted": "",
+            "bad": [42, 40],
+        }
+    }
+    return status
+
+
+def release_event(at: float, kind: str, version: int | None, summary: str, **fields: Any) -> dict[str, Any]:
+    release = {"version": version, "id": f"r{version}", "image": f"shop:v{version}"} if version else None
+    record = {"at": at, "app": "shop", "kind": kind, "summary": summary, "release": release}
+    return record | {"numbers": {}, "details": {}} | fields
+
+
+def history_rows(text: str) -> list[list[str]]:
+    lines = text.splitlines()
+    start = lines.index("release history, newest first:") + 2  # the title, then the table's header
+    return [line.split(None, 3) for line in lines[start:]]
+
+
+def test_releases_show_the_watched_release_with_verdict_reason_and_numbers() -> None:
+    """The watched release: version, image, id and verdict, then its reason, numbers and times."""
+    lines = render_releases("shop", example_releases_status(), []).splitlines()
+    assert lines[:5] == [
+        "shop  release watch",
+        "  watched     v42  registry.fly.io/shop:v42  id 01JREL42  verdict failing",
+        "    reason: error rate 12% against 1% for v41",
+        "    numbers: error_rate=0.12, baseline_error_rate=0.01, requests=5000",
+        "    first seen 2026-09-21T14:13:20Z  rolled out 2026-09-21T14:14:20Z",
+    ]
+    assert "  known good  v41  registry.fly.io/shop:v41  id 01JREL41  verdict healthy" in lines
+    assert "  marked bad  v42, v40" in lines
+
+
+def test_releases_show_the_rollback_with_its_machines() -> None:
+    """A rollback: from and to, state, who started it, why, when, and every machine by what became of it."""
+    text = render_releases("shop", example_releases_status(), [])
+    start = text.index("  rollback ")
+    assert text[start:].splitlines()[:10] == [
+        "  rollback    v42 -> v41 (registry.fly.io/shop:v41)  partial  by auto",
+        "    reason: error rate 12% against 1% for v41",
+        "    started 2026-09-21T14:15:00Z  finished 2026-09-21T14:15:30Z",
+        "    updated: m1, m2",
+        "    destroyed: c1",
+        "    skipped (held by others):",
+        "      m4  leased by others past the wait: deploy",
+        "    failed:",
+        "      m5  update: 500 internal error",
+        "    note: m4 is reverted once its lease is released",
+    ]
+
+
+def test_a_rollback_under_way_shows_the_machines_in_flight() -> None:
+    """A running rollback names the machines being changed now; one that changed none yet says so."""
+    status = example_releases_status()
+    rollback = status["releases"]["shop"]["rollback"]
+    rollback |= {"state": "running", "updated": [], "destroyed": [], "skipped": {}, "failed": {}}
+    rollback |= {"in_flight": ["m1", "m2"], "finished_at": None, "note": ""}
+    text = render_releases("shop", status, [])
+    assert "  rollback    v42 -> v41 (registry.fly.io/shop:v41)  running  by auto" in text
+    assert "    in flight: m1, m2" in text
+    assert "finished -" in text
+    rollback["in_flight"] = []
+    assert "    no machine changed yet" in render_releases("shop", status, [])
+
+
+def test_releases_history_is_newest_first_one_line_each() -> None:
+    """The history: one aligned line per event, newest first, with time, kind, version and summary."""
+    events = [
+        release_event(T0, "release_seen", 42, "release v42 (shop:v42) seen"),
+        release_event(T0 + 130, "rollback_finished", 42, "rolled v42 back to v41"),
+        release_event(T0 + 100, "rollback_started", 42, "rolling v42 back to v41 (shop:v41)"),
+        release_event(T0 + 100, "verdict", None, "no release"),
+    ]
+    text = render_releases("shop", example_releases_status(), events)
+    assert history_rows(text) == [
+        ["2026-09-21T14:15:30Z", "rollback_finished", "v42", "rolled v42 back to v41"],
+        ["2026-09-21T14:15:00Z", "rollback_started", "v42", "rolling v42 back to v41 (shop:v41)"],
+        ["2026-09-21T14:15:00Z", "verdict", "-", "no release"],
+        ["2026-09-21T14:13:20Z", "release_seen", "v42", "release v42 (shop:v42) seen"],
+    ]
+    table = text.splitlines()[text.splitlines().index("release history, newest first:") + 1 :]
+    assert table[0].split() == ["AT", "KIND", "RELEASE", "SUMMARY"]
+    assert {line.index(" v42 ") for line in table if " v42 " in line} == {table[0].index("RELEASE") - 1}
+    assert not any(line != line.rstrip() for line in text.splitlines())
+
+
+def test_releases_history_keeps_only_the_apps_events() -> None:
+    """Events of another app are left out; one without an app field is kept; none at all is said."""
+    events = [
+        release_event(T0, "verdict", 7, "blog's", app="blog"),
+        release_event(T0 + 1, "verdict", 42, "mine"),
+        {"kind": "release_seen", "summary": "no app field"},
+    ]
+    rows = history_rows(render_releases("shop", example_releases_status(), events))
+    assert [row[-1] for row in rows] == ["mine", "no app field"]
+    assert rows[-1][:3] == ["-", "release_seen", "-"]
+    text = render_releases("shop", example_releases_status(), events[:1])
+    assert text.splitlines()[-1] == "no release events recorded"
+
+
+def test_releases_with_now_say_how_long_ago() -> None:
+    """Given now, the times of the release state and the history also say how long ago they were."""
+    events = [release_event(T0 + 100, "rollback_started", 42, "rolling back")]
+    text = render_releases("shop", example_releases_status(), events, now=T0 + 160)
+    assert "first seen 2026-09-21T14:13:20Z (2m40s ago)" in text
+    assert "started 2026-09-21T14:15:00Z (1m00s ago)" in text
+    assert history_rows(text)[0][:2] == ["2026-09-21T14:15:00Z", "(1m00s"]
+
+
+@pytest.mark.parametrize(
+    ("entry", "shown"),
+    [
+        ({}, ["  watched     none seen yet", "  known good  none on record", "  rollback    none"]),
+        ({"watched": None, "good": None, "rollback": None, "halted": "", "bad": []}, ["  rollback    none"]),
+        ({"halted": "v43 failed after a rollback to it: a person must look"}, ["  halted: v43 failed after"]),
+        ({"watched": {"version": 41, "after_rollback": True}}, ["(the release a rollback went back to)"]),
+        ({"watched": {"version": 43}}, ["  watched     v43  -  verdict -", "    reason: -"]),
+        ({"good": {"version": 41.0, "image": "shop:v41"}}, ["  known good  v41  shop:v41  verdict -"]),
+        (
+            {"rollback": {"state": "waiting"}},
+            ["  rollback    - -> -  waiting  by -", "    started -  finished -"],
+        ),
+        ({"bad": [40, "41", None, True]}, ["  marked bad  v40"]),
+    ],
+)
+def test_release_states_render_what_they_have(entry: dict[str, Any], shown: list[str]) -> None:
+    """A release state with parts missing or null shows "none" or "-" for them, and everything it has."""
+    text = render_releases("shop", {"releases": {"shop": entry}}, [])
+    for line in shown:
+        assert line in text, text
+    assert "marked bad" not in text or "bad" in entry
+
+
+@pytest.mark.parametrize(
+    ("status", "first_line"),
+    [
+        ({"releases": {"shop": {}}, "policy": {"apps": ["shop"]}}, "shop  release watch"),
+        ({"releases": {}, "policy": {"apps": ["shop"]}}, "shop  no release seen yet (never ticked)"),
+        (
+            {"releases": {"blog": {}}, "policy": {"apps": ["api"]}},
+            "shop: not watched by this daemon (apps: api, blog)",
+        ),
+        ({"releases": {}}, "shop: not watched by this daemon (apps: none)"),
+        ({"apps": {}}, "shop: this daemon reports no release watch"),
+        ({"releases": ["shop"]}, "shop: this daemon reports no release watch"),
+        ({"dry_run": True, "releases": {}}, "dry run: rollbacks are recorded, not carried out"),
+    ],
+)
+def test_releases_say_what_the_daemon_knows_of_the_app(status: dict[str, Any], first_line: str) -> None:
+    """Without release state for the app, it says why: never ticked, not watched (and which are), no watch."""
+    assert render_releases("shop", status, []).splitlines()[0] == first_line
+
+
+MALFORMED_RELEASES: list[Any] = [
+    {"releases": None},
+    {"releases": {"shop": None}},
+    {"releases": {"shop": []}},
+    {"releases": {"shop": {"watched": "v42", "good": 41, "rollback": ["x"], "bad": "40", "halted": 3}}},
+    {"releases": {"shop": {"watched": {"version": "42", "numbers": [1], "first_seen": "now"}}}},
+    {"releases": {"shop": {"watched": {"version": True, "numbers": {"x": {"y": [1]}}, "first_seen": 1e300}}}},
+    {
+        "releases": {
+            "shop": {"rollback": {"from": 42, "to": {"version": None}, "updated": "m1", "failed": []}}
+        }
+    },
+    {"releases": {"shop": {"rollback": {"skipped": {1: None}, "started_at": float("nan"), "note": None}}}},
+    {
+        "releases": {1: {}, "shop": {"good": {"version": float("inf"), "id": ["x"]}}},
+        "policy": {"apps": "shop"},
+    },
+]
+ODD_EVENTS: list[Any] = [
+    {"at": "yesterday", "kind": None, "release": "v42"},
+    {"app": ["shop"], "release": {"version": "42"}},
+    {"at": float("inf"), "summary": {"a": 1}, "release": {"version": -1}},
+    "not a record",
+    None,
+]
+
+
+@pytest.mark.parametrize("status", MALFORMED_RELEASES)
+def test_malformed_release_documents_never_crash(status: dict[str, Any]) -> None:
+    """Release fields and events of unexpected types render as "-" rather than raising."""
+    assert isinstance(render_releases("shop", status, ODD_EVENTS), str)
+    assert isinstance(render_releases("shop", status, {"error": "not a list"}), str)  # type: ignore[arg-type]
+
+
+def test_release_text_is_kept_on_one_line_without_control_characters() -> None:
+    """A terminal escape or a newline in a summary or a reason is neutralised; each event stays one line."""
+    status = example_releases_status()
+    status["releases"]["shop"]["watched"]["reason"] = "bad\nnews \x1b[31mred"
+    events = [release_event(T0, "verdict", 42, "line one\nline two \x1b[2J")]
+    text = render_releases("shop", status, events)
+    assert "\x1b" not in text
+    assert "    reason: bad news ?[31mred" in text
+    assert history_rows(text) == [["2026-09-21T14:13:20Z", "verdict", "v42", "line one line two ?[2J"]]
+
+
+def test_rendering_releases_does_not_change_its_input() -> None:
+    """render_releases reads the documents and never modifies them."""
+    status, events = example_releases_status(), [release_event(T0, "verdict", 42, "x")]
+    before = copy.deepcopy((status, events))
+    render_releases("shop", status, events, now=T0)
+    assert (status, events) == before
+
+
+RECORDED_TO_NEWEST = "rollback of shop recorded: to the newest known-good release older than the one running"
+
+
+@pytest.mark.parametrize(
+    ("answer", "first_line"),
+    [
+        (
+            {"ok": True, "app": "shop", "request": {"to": 41, "at": T0, "by": "alice@laptop via cli"}},
+            "rollback of shop recorded: to v41 (asked by alice@laptop via cli at 2026-09-21T14:13:20Z)",
+        ),
+        (
+            {"ok": True, "request": {"to": None, "at": T0, "by": "cli"}},
+            f"{RECORDED_TO_NEWEST} (asked by cli at 2026-09-21T14:13:20Z)",
+        ),
+        (
+            {},
+            f"{RECORDED_TO_NEWEST} (asked by - at -)",
+        ),
+        (
+            {"request": "odd"},
+            f"{RECORDED_TO_NEWEST} (asked by - at -)",
+        ),
+    ],
+)
+def test_a_recorded_rollback_says_what_happens_next(answer: dict[str, Any], first_line: str) -> None:
+    """The answer to a rollback request names the target and who asked, then that the next tick does it."""
+    lines = render_rollback_request("shop", answer).splitlines()
+    assert lines == [
+        first_line,
+        "the daemon's next tick of shop carries it out, or refuses it saying why;",
+        "`flywatch releases shop` shows its progress",
+    ]
