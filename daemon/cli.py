@@ -207,14 +207,14 @@ def _view(args: argparse.Namespace) -> int:
         with httpx.Client(base_url=url, timeout=5.0) as client:
             status = client.get("/status").raise_for_status().json()
             if args.command == "status":
-                print(render_status(status))
+                print(render_status(status), end="")
                 return 0
             path, render = {
                 "explain": ("/decisions", render_explain),
                 "releases": ("/releases", render_releases),
             }[args.command]
             records = client.get(path, params={"app": args.app, "limit": args.limit}).raise_for_status()
-            print(render(args.app, status, records.json()))
+            print(render(args.app, status, records.json()), end="")  # the views end their lines
             return 0
     except httpx.HTTPError as exc:
         print(f"flywatch {args.command}: cannot read {url}: {exc}", file=sys.stderr)
@@ -240,6 +240,9 @@ def _rollback(args: argparse.Namespace) -> int:
             "flywatch rollback: FLY_API_TOKEN is not set (a rollback by hand needs the daemon's own token)",
             file=sys.stderr,
         )
+        return 2
+    if not token.isprintable():
+        print("flywatch rollback: FLY_API_TOKEN holds a control character", file=sys.stderr)
         return 2
     url = _daemon_url(args)
     body: dict[str, object] = {"by": _requester()}
@@ -280,8 +283,10 @@ def _requester() -> str:
 
 
 def _scrub(text: str, token: str) -> str:
-    for secret in {token, token.removeprefix("FlyV1 ")}:
-        text = text.replace(secret, "[redacted]")
+    """`text` without the token, also its part after "FlyV1 ", and neither as a repr spells them."""
+    for secret in sorted({token, token.removeprefix("FlyV1 ")}, key=len, reverse=True):
+        for spelling in (secret, repr(secret)[1:-1], repr(secret.encode())[2:-1]):
+            text = text.replace(spelling, "[redacted]")
     return text
 
 

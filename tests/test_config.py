@@ -74,6 +74,11 @@ FULL = textwrap.dedent(
           min_requests: 50
           on_failure: rollback
           max_parallel: 2
+          lease_wait: 2m
+          traffic:
+            source: promql
+            requests: fly_app_http_responses_count
+            latency: fly_app_http_response_time_seconds
       api:
         regions:
           ord: {{max: 3}}
@@ -178,6 +183,15 @@ def test_full_policy_parses() -> None:
         "min_requests": 50,
         "on_failure": "rollback",
         "max_parallel": 2,
+        "lease_wait": 120.0,
+        "traffic": {
+            "source": "promql",
+            "port": 8080,
+            "path": "/metrics",
+            "requests": "fly_app_http_responses_count",
+            "status_label": "status",
+            "latency": "fly_app_http_response_time_seconds",
+        },
     }
     api = policy.apps["api"]
     assert api.scaling is not None
@@ -481,6 +495,11 @@ def test_problem_is_named_exactly(text: str, problem: str) -> None:
             f"{SOURCE}:6: apps.shop.release.max_error_ratio: ",
         ),
         (MINIMAL + "    release:\n      max_parallel: 0\n", f"{SOURCE}:6: apps.shop.release.max_parallel: "),
+        (
+            MINIMAL + "    release:\n      traffic: {source: graphite}\n",
+            f"{SOURCE}:6: apps.shop.release.traffic.source: ",
+        ),
+        (MINIMAL + "    release:\n      lease_wait: soon\n", f"{SOURCE}:6: apps.shop.release.lease_wait: "),
         (MINIMAL + "alerts:\n  webhooks:\n    - {url: 42}\n", f"{SOURCE}:7: alerts.webhooks[0].url: "),
         (
             MINIMAL + "alerts:\n  webhooks:\n    - url: https://h.example\n      format: xml\n",

@@ -15,6 +15,23 @@ def new_session() -> aiohttp.ClientSession:
     return aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True, limit=0, ttl_dns_cache=60))
 
 
+class LazySession:
+    """The session of one reader (probes, scrapes, traffic), made when first needed, inside the running
+    loop, and made again if it was closed."""
+
+    def __init__(self) -> None:
+        self._session: aiohttp.ClientSession | None = None
+
+    def get(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = new_session()
+        return self._session
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+
 async def read_body(response: aiohttp.ClientResponse, cap: int, *, truncate: bool = False) -> bytes:
     """The whole body, however many pieces it comes in; past `cap` bytes an error (or cut, if `truncate`)."""
     body = bytearray()

@@ -17,7 +17,7 @@ import aiohttp
 
 from daemon.clock import Clock
 from daemon.core.health import ProbeConditions, ProbeOutcome, ProbeResult, judge
-from daemon.sources.http import describe, new_session, read_body
+from daemon.sources.http import LazySession, describe, read_body
 
 _MAX_BODY = 64 * 1024
 
@@ -45,16 +45,13 @@ class Prober:
         self._clock = clock
         self._timeout = timeout
         self._slots = asyncio.Semaphore(concurrency)
-        self._session: aiohttp.ClientSession | None = None
+        self._sessions = LazySession()
 
     def _client(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            self._session = new_session()
-        return self._session
+        return self._sessions.get()
 
     async def aclose(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        await self._sessions.aclose()
 
     async def observe(self, target: ProbeTarget, timeout: float | None = None) -> ProbeOutcome:
         """One probe: what answered, how fast; or what went wrong. Never raises."""

@@ -20,7 +20,7 @@ from daemon.clock import Clock
 from daemon.core.samples import Aggregate, Sample, by_region, counter_rate
 from daemon.fly.models import Machine
 from daemon.sources.fleet import in_group
-from daemon.sources.http import describe, new_session, read_body
+from daemon.sources.http import LazySession, describe, read_body
 from daemon.sources.probes import probe_url
 
 _MAX_PAGE = 4 * 1024 * 1024
@@ -67,16 +67,13 @@ class Scraper:
     def __init__(self, clock: Clock) -> None:
         self._clock = clock
         self._previous: dict[tuple[str, str, str], Sample] = {}
-        self._session: aiohttp.ClientSession | None = None
+        self._sessions = LazySession()
 
     def _client(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            self._session = new_session()
-        return self._session
+        return self._sessions.get()
 
     async def aclose(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        await self._sessions.aclose()
 
     async def _read(self, url: str, timeout: float) -> str:
         async with self._client().get(url, timeout=aiohttp.ClientTimeout(total=timeout)) as response:

@@ -26,7 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from daemon.clock import Clock
 from daemon.core.traffic import Buckets, Traffic, increase
 from daemon.fly.models import Machine
-from daemon.sources.http import describe, new_session, read_body
+from daemon.sources.http import LazySession, describe, read_body
 from daemon.sources.probes import probe_url
 from daemon.sources.prometheus import MetricSourceError, PromQL, Series
 from daemon.telemetry.metrics import SourceMetrics
@@ -124,16 +124,13 @@ class TrafficReader:
         self._metrics = metrics
         self._previous: dict[tuple[str, str], _Cumulative] = {}
         self._queried: dict[str, float] = {}  # when each app was last read through PromQL
-        self._session: aiohttp.ClientSession | None = None
+        self._sessions = LazySession()
 
     def _client(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            self._session = new_session()
-        return self._session
+        return self._sessions.get()
 
     async def aclose(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        await self._sessions.aclose()
 
     async def read(self, app: str, machines: Sequence[Machine], spec: TrafficSpec) -> TrafficReading:
         """One read of every machine given (the caller chooses which: canaries are not special). Never

@@ -378,8 +378,7 @@ MACAROON = SECRET.removeprefix("FlyV1 ")  # the part after the scheme: a bearer 
 
 @dataclass
 class Releases:
-    """The release watch's callables the server is handed, as plain state a test can change; the
-    authorization is the daemon's own, over the daemon's token (SECRET)."""
+    """The release watch's callables the server is handed, as plain state a test can change."""
 
     events: list[dict[str, Any]] = field(default_factory=list)
     calls: list[tuple[str | None, int]] = field(default_factory=list)
