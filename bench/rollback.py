@@ -77,6 +77,9 @@ SCENARIOS = (
     ("unhealthy", MAX_PARALLEL),
 )
 RUNS = 3
+# The reconcile job's real period: it and the probe job list the app every TICK each, and Fly allows one list
+# per second per app, so each waits about a second for its list call. The runs deploy at even points of it.
+CYCLE = 2 * TICK
 DEADLINE = 300.0  # seconds from the deploy to a finished rollback, or the benchmark fails
 POLICY = f"""
 apps:
@@ -291,7 +294,7 @@ def _calls(log: list[tuple[float, str, int]], start: float, end: float) -> dict[
     }
 
 
-async def _flywatch_once(mode: str, max_parallel: int, workdir: Path) -> dict[str, Any]:
+async def _flywatch_once(mode: str, max_parallel: int, workdir: Path, phase: float = 0.0) -> dict[str, Any]:
     settings = SimSettings(transition_delay=TRANSITION_DELAY, rate_limits=True)
     async with (
         SimServer(settings) as sim,
@@ -312,7 +315,8 @@ async def _flywatch_once(mode: str, max_parallel: int, workdir: Path) -> dict[st
                 30,
                 "the good release adopted",
             )
-            await asyncio.sleep(3 * TICK)  # a few reads of the good release's traffic: its baseline
+            # a few reads of the good release's traffic, then the deploy `phase` seconds into the tick cycle
+            await asyncio.sleep(3 * TICK + phase)
             await _mark_bad(control, mode)
             counters_t0 = (await control.get("/counters")).json()
             retries_t0 = _retries(daemon.registry)
@@ -354,6 +358,7 @@ async def _flywatch_once(mode: str, max_parallel: int, workdir: Path) -> dict[st
     return {
         "mode": mode,
         "max_parallel": max_parallel,
+        "phase": phase,
         "detect_seconds": t_detect - t0,
         "rollback_seconds": t_done - t_detect,
         "total_seconds": t_done - t0,
@@ -415,10 +420,10 @@ def run(runs: int = RUNS, scenarios: tuple[tuple[str, int], ...] = SCENARIOS) ->
         for mode, parallel in scenarios:
             scenario_runs = [
                 {
-                    "flywatch": asyncio.run(_flywatch_once(mode, parallel, Path(tmp))),
+                    "flywatch": asyncio.run(_flywatch_once(mode, parallel, Path(tmp), index * CYCLE / runs)),
                     "manual": asyncio.run(_manual_once(mode, parallel)),
                 }
-                for _ in range(runs)
+                for index in range(runs)
             ]
             results["scenarios"].append({"mode": mode, "max_parallel": parallel, "runs": scenario_runs})
     results["seconds"] = time.perf_counter() - started

@@ -10,11 +10,12 @@ import platform
 import statistics
 import subprocess
 import sys
+import textwrap
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench import probes, scale_up, ticks
+from bench import probes, rollback, scale_up, ticks
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -179,9 +180,140 @@ def ticks_section(result: dict[str, Any]) -> str:
     )
 
 
+def _paragraph(text: str) -> list[str]:
+    return textwrap.wrap(" ".join(text.split()), width=100, break_on_hyphens=False)
+
+
+def rollback_section(result: dict[str, Any]) -> str:
+    scenarios = result["scenarios"]
+    head = scenarios[0]
+    runs = head["runs"]
+
+    def ours(scenario: dict[str, Any], key: str) -> list[float]:
+        return [float(run["flywatch"][key]) for run in scenario["runs"]]
+
+    def counted(scenario: dict[str, Any], window: str, key: str) -> list[float]:
+        return [float(run["flywatch"][window][key]) for run in scenario["runs"]]
+
+    def manual(scenario: dict[str, Any]) -> list[float]:
+        return [float(run["manual"]["seconds"]) for run in scenario["runs"]]
+
+    def ratio(a: list[float], b: list[float]) -> str:
+        return f"{statistics.median(a) / statistics.median(b):.2f}x"
+
+    machines = runs[0]["flywatch"]["machines"]
+    rows = [
+        (
+            "deploy to failing verdict = rollback started (s)",
+            _spread(ours(head, "detect_seconds"), 2),
+            "a human",
+            "",
+        ),
+        (
+            "rollback started to done (s)",
+            _spread(ours(head, "rollback_seconds"), 2),
+            _spread(manual(head), 2),
+            ratio(ours(head, "rollback_seconds"), manual(head)),
+        ),
+        ("deploy to rollback done (s)", _spread(ours(head, "total_seconds"), 2), "a human + the above", ""),
+        ("API calls, deploy to done", _spread(counted(head, "whole", "calls"), 0), "n/a", ""),
+        ("API calls, rollback started to done", _spread(counted(head, "rollback", "calls"), 0), "n/a", ""),
+        ("429 answers, deploy to done", _spread(counted(head, "whole", "429s"), 0), "n/a", ""),
+        ("client retries, deploy to done", _spread(ours(head, "retries"), 0), "n/a", ""),
+    ]
+    lines = [
+        f"## Roll back a bad release on {machines} machines in three regions",
+        "",
+        *_paragraph(
+            f"""`bench/rollback.py`: the simulator with Fly's documented rate limits on and
+            {rollback.TRANSITION_DELAY:g} s per transient state; `shop` with {rollback.PER_REGION} started
+            machines in each of iad, cdg and nrt, {rollback.LOAD_RPS:g} requests/s offered per region. The
+            daemon's parts run in the benchmark process as tests/test_releases.py builds them (the client
+            with its default retries and client-side rate limiting, the actuator with the daemon's defaults,
+            the health watch, the release watch, the reconciler on a SQLite store), driven as the scheduler
+            drives them: a probe job and a reconcile job, each every {rollback.TICK:g} s. Policy: health
+            every {rollback.TICK:g} s, bake {rollback.BAKE:g} s, min_requests {rollback.MIN_REQUESTS},
+            max_error_ratio 5%, max_parallel {head["max_parallel"]}. Once the good release is the known-good
+            one, the bad image is marked `{head["mode"]}` (20% of requests answer 500) and deployed with
+            strategy `immediate`: the whole fleet is bad at once. Times run from the deploy's 202 to the
+            rollback's `started_at` and `finished_at` in the stored state; calls and 429s come from
+            `/_sim/counters` (the rollback window's from the simulator's exchange log); the runs deploy at
+            even points of the reconcile job's {rollback.CYCLE:g} s cycle. Every run ends with every machine
+            started on its own known-good config again (image, release metadata, all of it), or fails."""
+        ),
+        "",
+        *_paragraph(
+            """The peer: flyctl has no automatic rollback. Its manual way, `fly deploy --image <old>`
+            (rolling, the same max_parallel), is modelled by the simulator's own deployer redeploying the good
+            image over the same bad fleet, timed from its 202 to the release complete. That deployer works on
+            the platform directly (no HTTP, no rate limits, checks polled every 50 ms): a lower bound for
+            flyctl. The human who has to notice the bad release and type the command is not counted."""
+        ),
+        "",
+        *_paragraph(
+            f"""Figures: the median of {len(runs)} runs (lowest-highest). Ratio: flywatch / the manual
+            redeploy, of the medians (lower is better)."""
+        ),
+        "",
+        "| measure | flywatch | manual redeploy | flywatch / manual |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    lines += [f"| {name} | {a} | {b} | {c} |" for name, a, b, c in rows]
+    lines += [
+        "",
+        "By bad image and max_parallel (median of each scenario's runs):",
+        "",
+        (
+            "| bad image | max_parallel | deploy to verdict (s) | rollback (s) | total (s) | API calls"
+            " | 429s | manual redeploy (s) | flywatch / manual |"
+        ),
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for scenario in scenarios:
+        lines.append(
+            f"| {scenario['mode']} | {scenario['max_parallel']}"
+            f" | {_spread(ours(scenario, 'detect_seconds'), 2)}"
+            f" | {_spread(ours(scenario, 'rollback_seconds'), 2)}"
+            f" | {_spread(ours(scenario, 'total_seconds'), 2)}"
+            f" | {_spread(counted(scenario, 'whole', 'calls'), 0)}"
+            f" | {_spread(counted(scenario, 'whole', '429s'), 0)}"
+            f" | {_spread(manual(scenario), 2)}"
+            f" | {ratio(ours(scenario, 'rollback_seconds'), manual(scenario))} |"
+        )
+    last = runs[-1]["flywatch"]
+    calls = ", ".join(f"{k} {v}" for k, v in last["rollback"]["calls_by_endpoint"].items())
+    requests = last["failing_numbers"].get("requests") or 0.0
+    lines += [
+        "",
+        *_paragraph(
+            f"""Calls by endpoint, rollback started to done (last run, max_parallel
+            {head["max_parallel"]}): {calls}; {last["calls_per_machine"]:.1f} per machine reverted. Its
+            failing verdict: {last["reason"]}, on {requests:.0f} requests of the new release. `unhealthy`
+            (the health path answers 500) is judged on the health watch's verdicts instead of traffic."""
+        ),
+        "",
+        *_paragraph(
+            """The rollback is mostly the simulator's transitions (replacing, then starting: 0.2 s per chunk
+            whoever sends the updates); flywatch adds its calls per machine (read, lease, update, wait, read
+            for checks, read to verify, release, and a lease look-up of every machine before the first
+            chunk). Detection takes one reconcile tick more than the traffic needs: the tick that first sees
+            the new release does not count its traffic for it; and the reconcile job runs about every 2 s,
+            not 1 s, because it and the probe job each list the app every second against Fly's limit of one
+            list call per second per app."""
+        ),
+        "",
+    ]
+    return "\n".join(lines)
+
+
 def main() -> int:
     started = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
-    sections = [scale_up_section(scale_up.run()), probes_section(probes.run()), ticks_section(ticks.run())]
+    sections = [
+        scale_up_section(scale_up.run()),
+        probes_section(probes.run()),
+        ticks_section(ticks.run()),
+        rollback_section(rollback.run()),
+    ]
     text = "\n".join(
         [
             "# Benchmarks",

@@ -269,12 +269,14 @@ class Daemon:
         """A rollback by hand needs the daemon's own Fly token: whoever holds it could change the machines
         through Fly's API anyway; anyone else on the private network cannot."""
         token = self.settings.fly_api_token.get_secret_value() if self.settings.fly_api_token else ""
-        scheme, _, given = header.partition(" ")
-        return (
-            bool(token)
-            and scheme.lower() in {"bearer", "flyv1"}
-            and hmac.compare_digest(given.strip().encode(), token.removeprefix("FlyV1 ").encode())
-        )
+        token = token.strip().removeprefix("FlyV1 ").strip()
+        scheme, _, given = header.strip().partition(" ")
+        given = given.strip()
+        if scheme.lower() == "bearer":
+            given = given.removeprefix("FlyV1 ").strip()  # "Bearer FlyV1 fm2_...": the token as it is set
+        elif scheme.lower() != "flyv1":
+            return False
+        return bool(token) and hmac.compare_digest(given.encode(), token.encode())
 
     async def decisions(self, app: str | None, limit: int) -> list[dict[str, Any]]:
         if self.store is None:

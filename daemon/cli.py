@@ -175,6 +175,8 @@ def _run_daemon(args: argparse.Namespace) -> int:
     for secret in (settings.fly_api_token, settings.prometheus_token):
         if secret is not None:
             register_secret(secret.get_secret_value())
+            # a FlyV1 token's own part is a credential too (the rollback endpoint takes it bare)
+            register_secret(secret.get_secret_value().strip().removeprefix("FlyV1 ").strip())
     try:
         return asyncio.run(Daemon(settings).run())
     except PolicyError as exc:

@@ -155,6 +155,7 @@ class ReleaseWatch:
         self.status: dict[str, dict[str, Any]] = {}
         # a dry run keeps its own record: it must never mark releases bad for a live daemon on the same store
         self._namespace = f"{RELEASES}-dry-run" if actuator.dry_run else RELEASES
+        self._requests = f"{self._namespace}-requests"  # rollbacks asked for by hand, one per app
 
     # ------------------------------------------------------------------ the tick
 
@@ -176,8 +177,10 @@ class ReleaseWatch:
         views = [view(m, health) for m in group]
         events: list[Event] = []
         state = await self._count_traffic(app, policy, group, views, state, now)
-        if state.request is not None and not (state.rollback is not None and state.rollback.state.active):
-            state, more = await self._manual(app, state, views, now)
+        request = await self._store.get(self._requests, app)
+        if request is not None and not (state.rollback is not None and state.rollback.state.active):
+            await self._store.delete(self._requests, app)  # taken: refused or started, it is done once
+            state, more = await self._manual(app, state, views, now, request)
             events.extend(more)
         if state.good is not None:
             state = await self._complete_good(app, state, views)
@@ -295,20 +298,35 @@ class ReleaseWatch:
     # ------------------------------------------------------------------ by hand
 
     async def request_rollback(self, app: str, to: int | None, by: str = "cli") -> dict[str, Any]:
-        """Record a rollback asked for by hand; the app's next tick carries it out."""
+        """Record a rollback asked for by hand; the app's next tick carries it out. What can be refused now
+        is refused now; the request has a document of its own, so a tick writing the app's state at the
+        same moment can neither lose it nor be overwritten by it."""
         state = WatchState.from_json(await self._store.get(self._namespace, app))
         if state.rollback is not None and state.rollback.state.active:
             raise RollbackRequestError(f"a rollback of {app} is already under way")
-        if state.watched is None and state.good is None:
+        current = state.watched.release if state.watched is not None else None
+        if current is None:
             raise RollbackRequestError(f"no release of {app} seen yet")
+        if to == current.version:
+            raise RollbackRequestError(f"{current.label} is the release running now")
+        records = [g for g in (state.good, *state.previous) if g is not None]
+        if to is None and not any(g.release.version < current.version for g in records):
+            raise RollbackRequestError(f"no known-good release older than {current.label} on record")
+        if await self._store.get(self._requests, app) is not None:
+            raise RollbackRequestError(f"a rollback of {app} was already asked for and is about to start")
         request = {"to": to, "at": self._clock.now(), "by": by}
-        await self._store.put(self._namespace, app, state.to_json() | {"request": request})
+        await self._store.put(self._requests, app, request)
+        self.status.setdefault(app, {})["pending_request"] = request
         return request
 
     async def _manual(
-        self, app: str, state: WatchState, views: Sequence[MachineRelease], now: float
+        self,
+        app: str,
+        state: WatchState,
+        views: Sequence[MachineRelease],
+        now: float,
+        request: dict[str, Any],
     ) -> tuple[WatchState, list[Event]]:
-        request = state.request or {}
         to = request.get("to")
         current = state.watched.release if state.watched is not None else None
         try:
@@ -317,7 +335,7 @@ class ReleaseWatch:
             event = Event(
                 "rollback_refused", f"rollback asked for by hand refused: {exc}", current, alert=False
             )
-            return replace(state, request=None), [event]
+            return state, [event]
         assert current is not None  # noqa: S101 - _target refuses without a current release
         reason = f"asked for by hand ({request.get('by', 'cli')})"
         good = state.good

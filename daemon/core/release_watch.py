@@ -165,7 +165,6 @@ class WatchState:
     bad: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # version -> {id, image, reason, at}
     rollback: Rollback | None = None
     halted: str = ""  # why nothing more is done automatically (until a newer release arrives)
-    request: Mapping[str, Any] | None = None  # a rollback asked for by hand: {to, at, by}
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -175,7 +174,6 @@ class WatchState:
             "bad": {k: dict(v) for k, v in self.bad.items()},
             "rollback": self.rollback.to_json() if self.rollback else None,
             "halted": self.halted,
-            "request": dict(self.request) if self.request else None,
         }
 
     @classmethod
@@ -189,7 +187,6 @@ class WatchState:
             bad=dict(data.get("bad") or {}),
             rollback=Rollback.from_json(data["rollback"]) if data.get("rollback") else None,
             halted=str(data.get("halted", "")),
-            request=data.get("request"),
         )
 
     def is_bad(self, release: ReleaseKey) -> bool:
@@ -397,7 +394,7 @@ def start_rollback(
         str(release.version): {"id": release.id, "image": release.image, "reason": reason, "at": now},
     }
     rollback = Rollback(release, good.release, now, by=by, reason=reason)
-    state = replace(state, bad=bad, rollback=rollback, good=good, request=None)
+    state = replace(state, bad=bad, rollback=rollback, good=good)
     events = [
         Event(
             "release_failing" if by == "auto" else "rollback_requested",

@@ -267,10 +267,12 @@ class TelemetryServer:
             body = await request.json() if request.can_read_body else {}
         except ValueError:
             return _json({"error": 'the body must be JSON, e.g. {"to": 41} or {}'}, 400)
-        to = body.get("to") if isinstance(body, dict) else None
+        if not isinstance(body, dict):
+            return _json({"error": 'the body must be a JSON object, e.g. {"to": 41} or {}'}, 400)
+        to = body.get("to")
         if to is not None and (isinstance(to, bool) or not isinstance(to, int) or to < 1):
             return _json({"error": f"to must be a release version (a positive integer), got {to!r}"}, 400)
-        by = str(body.get("by") or "cli") if isinstance(body, dict) else "cli"
+        by = str(body.get("by") or "cli")
         try:
             async with asyncio.timeout(self._call_timeout):
                 recorded = await self._rollback(app, to, by[:100])

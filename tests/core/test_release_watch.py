@@ -446,13 +446,12 @@ def test_crashes_and_unhealthy_machines_fail_without_traffic() -> None:
 
 
 def test_start_rollback_by_hand() -> None:
-    """A rollback asked for by hand marks the release bad, clears the request and is told without alarm."""
-    state = replace(rolling_out(), request={"to": 1, "at": T0, "by": "ops"})
+    """A rollback asked for by hand marks the release bad and is told without alarm."""
+    state = rolling_out()
     assert state.good is not None
     next_state, events = start_rollback(state, V2, state.good, T0 + 5, by="manual", reason="asked for")
     assert kinds((next_state, events)) == ["rollback_requested", "rollback_started"]
     assert [event.alert for event in events] == [False, True]
-    assert next_state.request is None
     assert next_state.bad["2"] == {"id": "rel_2", "image": "app:v2", "reason": "asked for", "at": T0 + 5}
     assert next_state.rollback == Rollback(V2, V1, T0 + 5, by="manual", reason="asked for")
     assert hold(next_state, T0 + 5, LIMITS.bake).all
@@ -596,7 +595,6 @@ def test_watch_state_json_round_trip() -> None:
         bad={"7": {"id": "rel_7", "image": "app:v7", "reason": "crashed", "at": T0}},
         rollback=Rollback(V3, V2, T0, state=RollbackState.DONE, updated=("m1",), finished_at=T0 + 1),
         halted="stopped",
-        request={"to": 1, "at": T0, "by": "ops"},
     )
     assert WatchState.from_json(through_json(full.to_json())) == full
 
