@@ -107,7 +107,9 @@ def crashed(machine: Machine) -> bool:
             return False
         if event.type == "exit":
             exit_event = event.request.get("exit_event") or {}
-            code = exit_event.get("exit_code") if isinstance(exit_event, dict) else None
+            if not isinstance(exit_event, dict) or exit_event.get("requested_stop"):
+                continue  # a stop someone asked for (autostop, a scale-down) ends with a signal: no crash
+            code = exit_event.get("exit_code")
             if isinstance(code, int) and code != 0:
                 return True
     return False
@@ -127,6 +129,7 @@ def view(machine: Machine, health: AppHealth | None) -> MachineRelease:
         process_group=machine.process_group or "app",
         healthy=healthy,
         crashed=crashed(machine),
+        complete=machine.config is not None,
     )
 
 
@@ -151,6 +154,7 @@ class ReleaseWatch:
         self._baseline: dict[str, deque[tuple[float, int, str, Traffic]]] = {}
         self._looked_up: set[tuple[str, str, int]] = set()  # (app, machine, version) searched in /versions
         self._shown: dict[str, tuple[str, str, str]] = {}  # app -> (version, image, verdict) in the gauges
+        self._shown_before: dict[str, tuple[str, str, str]] = {}
         self._pending: list[tuple[str, dict[str, Any]]] = []  # events told, not yet in the history
         self.status: dict[str, dict[str, Any]] = {}
         # a dry run keeps its own record: it must never mark releases bad for a live daemon on the same store
@@ -179,9 +183,14 @@ class ReleaseWatch:
         state = await self._count_traffic(app, policy, group, views, state, now)
         request = await self._store.get(self._requests, app)
         if request is not None and not (state.rollback is not None and state.rollback.state.active):
-            await self._store.delete(self._requests, app)  # taken: refused or started, it is done once
             state, more = await self._manual(app, state, views, now, request)
             events.extend(more)
+            await self._save(app, state, stored)  # started (or refused) and told, then the request goes
+            stored = state.to_json()
+            self._emit(app, events, now)
+            await self.flush()
+            events = []
+            await self._store.delete(self._requests, app)
         if state.good is not None:
             state = await self._complete_good(app, state, views)
         watch_policy = Policy(thresholds(policy), policy.release.on_failure, policy.release.lease_wait)
@@ -194,6 +203,7 @@ class ReleaseWatch:
             await self._save(app, state, stored)
             stored = state.to_json()
             self._emit(app, events, now)
+            await self.flush()  # what is about to happen is in the history before it happens
             events = []
             state, more = await self._roll_back(app, policy, state, views, now, stored)
             events.extend(more)
@@ -210,7 +220,12 @@ class ReleaseWatch:
         if rollback.state.active:
             return True
         # a partial rollback goes on reverting the machines that others held, once they are free
-        return rollback.state is RollbackState.PARTIAL and any(runs(m, rollback.from_release) for m in views)
+        newer = any(m.version is not None and m.version > rollback.from_release.version for m in views)
+        return (
+            rollback.state is RollbackState.PARTIAL
+            and not newer
+            and any(runs(m, rollback.from_release) for m in views)
+        )
 
     async def _save(self, app: str, state: WatchState, stored: dict[str, Any] | None) -> None:
         document = state.to_json()
@@ -314,7 +329,7 @@ class ReleaseWatch:
             raise RollbackRequestError(f"no known-good release older than {current.label} on record")
         if await self._store.get(self._requests, app) is not None:
             raise RollbackRequestError(f"a rollback of {app} was already asked for and is about to start")
-        request = {"to": to, "at": self._clock.now(), "by": by}
+        request = {"to": to, "from": current.version, "at": self._clock.now(), "by": by}
         await self._store.put(self._requests, app, request)
         self.status.setdefault(app, {})["pending_request"] = request
         return request
@@ -329,9 +344,16 @@ class ReleaseWatch:
     ) -> tuple[WatchState, list[Event]]:
         to = request.get("to")
         current = state.watched.release if state.watched is not None else None
+        asked = request.get("from")
+        if current is not None and asked not in (None, current.version):
+            # asked of another release than the one running now (an automatic rollback came first)
+            why = (
+                f"rollback asked for by hand refused: it was asked of v{asked}, and {current.label} runs now"
+            )
+            return state, [Event("rollback_refused", why, current)]
         try:
             target = await self._target(app, state, views, to, current)
-        except RollbackRequestError as exc:
+        except (RollbackRequestError, errors.FlyApiError) as exc:
             event = Event(
                 "rollback_refused", f"rollback asked for by hand refused: {exc}", current, alert=False
             )
@@ -409,7 +431,10 @@ class ReleaseWatch:
         rollback, good = state.rollback, state.good
         assert rollback is not None  # noqa: S101 - _rollback_pending said so
         assert good is not None  # noqa: S101
-        plan = plan_rollback(views, good)
+        stopped = self._cannot_go_on(app, state, rollback, views, now)
+        if stopped is not None:
+            return stopped
+        plan = plan_rollback(views, good, rollback.from_release)
         if plan.stuck:
             rollback = replace(rollback, failed={**rollback.failed, **plan.stuck})
         held = await self._leased_by_others(app, [t.machine_id for t in plan.updates] + list(plan.destroys))
@@ -451,7 +476,15 @@ class ReleaseWatch:
             )
             rollback = _after_steps(rollback, result.steps, "destroy")
         rollback = replace(rollback, in_flight=())
-        left = {mid: why for mid, why in held.items() if mid not in rollback.updated}
+        # whatever was not reverted is left: held when looked at, or taken by someone since (the actuator
+        # skipped it); a rollback is done only when no machine of the bad release is left
+        wanted = [t.machine_id for t in plan.updates] + list(plan.destroys)
+        done = set(rollback.updated) | set(rollback.destroyed)
+        left = {
+            mid: held.get(mid) or rollback.skipped.get(mid) or "not reverted"
+            for mid in wanted
+            if mid not in done
+        }
         if rollback.failed:
             rollback = replace(rollback, state=RollbackState.FAILED)
         elif left:
@@ -475,7 +508,24 @@ class ReleaseWatch:
         self._count_rollback(app, rollback)
         return state, events
 
+    def _cannot_go_on(
+        self, app: str, state: WatchState, rollback: Rollback, views: Sequence[MachineRelease], now: float
+    ) -> tuple[WatchState, list[Event]] | None:
+        if not views:
+            # an empty list (Fly's list lags, or the app is being recreated) says nothing: never "done"
+            return replace(state, rollback=replace(rollback, note="no machines listed: waiting")), []
+        newest = max((m.version for m in views if m.version is not None), default=0)
+        if newest > rollback.from_release.version:
+            # someone deploys forward: the rollback stops here, and the watch judges the new release
+            note = f"superseded by v{newest} being deployed: the rollback stopped"
+            rollback = replace(rollback, state=RollbackState.PARTIAL, note=note, in_flight=())
+            self._count_rollback(app, rollback)
+            return finish_rollback(replace(state, rollback=rollback), rollback, now)
+        return None
+
     def _count_rollback(self, app: str, rollback: Rollback) -> None:
+        if self._actuator.dry_run:
+            return  # nothing was rolled back
         self._metrics.rollbacks.labels(app, rollback.state.value).inc()
         self._metrics.rollback_duration.observe(max(self._clock.now() - rollback.started_at, 0.0))
 
@@ -497,7 +547,7 @@ class ReleaseWatch:
             log.log(
                 level, "release %s %s: %s", app, event.kind, event.summary, extra={"release_event": record}
             )
-            if event.alert and self._alerter is not None:
+            if event.alert and self._alerter is not None and not self._actuator.dry_run:
                 self._alerter.notify(
                     Alert(
                         event=event.kind,
@@ -538,6 +588,10 @@ class ReleaseWatch:
             shown = (str(watched.release.version), watched.release.image, watched.verdict.value)
             before = self._shown.get(app)
             if before is not None and before[:2] != shown[:2]:
+                older = self._shown_before.get(app)
+                if older is not None and older[:2] != shown[:2]:
+                    self._metrics.info.remove(app, older[0], older[1])  # one release before is kept, at 0
+                self._shown_before[app] = before
                 self._metrics.info.labels(app, before[0], before[1]).set(0)
                 for verdict in ("baking", "healthy", "failing", "inconclusive"):
                     self._metrics.verdict.remove(app, before[0], verdict)

@@ -39,6 +39,7 @@ from daemon.core.traffic import Traffic, total
 KEEP_PREVIOUS = 3  # known-good records kept besides the current one, for `flywatch rollback --to`
 QUANTILE = 0.95
 STOPPED = "stopped: nothing more is done by itself until a newer release"
+FINAL = frozenset({ReleaseVerdict.HEALTHY, ReleaseVerdict.INCONCLUSIVE})
 
 
 class RollbackState(StrEnum):
@@ -117,6 +118,7 @@ class Watched:
     numbers: Mapping[str, float | None] = field(default_factory=dict)
     after_rollback: bool = False  # the known-good release, watched again after a rollback to it
     traffic: Mapping[str, Traffic] = field(default_factory=dict)  # counted on its machines, per region
+    baseline: Mapping[str, Traffic] = field(default_factory=dict)  # the known-good release's, last seen
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -128,6 +130,7 @@ class Watched:
             "numbers": dict(self.numbers),
             "after_rollback": self.after_rollback,
             "traffic": {region: traffic_json(t) for region, t in self.traffic.items()},
+            "baseline": {region: traffic_json(t) for region, t in self.baseline.items()},
         }
 
     @classmethod
@@ -141,6 +144,7 @@ class Watched:
             numbers=dict(data.get("numbers") or {}),
             after_rollback=bool(data.get("after_rollback", False)),
             traffic={region: traffic_from_json(t) for region, t in (data.get("traffic") or {}).items()},
+            baseline={region: traffic_from_json(t) for region, t in (data.get("baseline") or {}).items()},
         )
 
 
@@ -308,7 +312,14 @@ def advance(
             state = replace(state, halted="")  # a release newer than any judged: the watch starts afresh
     if watched.rollout_done_at is None and rolled_out(machines, watched.release):
         watched = replace(watched, rollout_done_at=now)
-    judgement = assess(machines, watched, baseline, policy.limits, now)
+    if baseline:
+        watched = replace(watched, baseline=dict(baseline))  # kept: a restart loses the window, not this
+    if watched.verdict in FINAL and not state.is_bad(watched.release):
+        # a verdict reached after the whole bake is final: a crash a day later is an incident for the
+        # health watch and the scaler, not a reason to freeze scaling or to roll back a proven release
+        state = replace(state, watched=watched)
+        return Step(_record_good(state, machines, watched, now), tuple(events))
+    judgement = assess(machines, watched, watched.baseline, policy.limits, now)
     if state.is_bad(watched.release):
         # a release rolled back once is never rolled back again, nor returned to: only told
         judgement = Judgement(
@@ -466,6 +477,8 @@ def finish_rollback(state: WatchState, rollback: Rollback, now: float) -> tuple[
         )
         state = replace(state, rollback=rollback, halted=why)
         return state, [Event("rollback_failed", why, rollback.from_release, alert=True, details=details)]
+    if rollback.note:
+        what += f"; {rollback.note}"
     if rollback.skipped:
         what += "; not rolled back, held by others' leases past the wait: " + ", ".join(
             f"{mid} ({why})" for mid, why in sorted(rollback.skipped.items())
@@ -495,9 +508,10 @@ def hold(state: WatchState, now: float, bake: float) -> Hold:
     watched = state.watched
     if watched is None:
         return Hold()
-    if watched.verdict is ReleaseVerdict.FAILING and not state.halted:
-        why = f"release {watched.release.label} is failing: {watched.reason}"
-        return Hold(why, why)
+    if watched.verdict is ReleaseVerdict.FAILING:
+        # no rollback under way (alert only, none possible, or halted): capacity may still grow, but no
+        # machine is taken away from a release in trouble
+        return Hold(f"release {watched.release.label} is failing: {watched.reason}")
     if watched.verdict is ReleaseVerdict.BAKING:
         since = watched.rollout_done_at if watched.rollout_done_at is not None else watched.first_seen
         return Hold(f"release {watched.release.label} is baking ({max(now - since, 0):.0f}s of {bake:g}s)")

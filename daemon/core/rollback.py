@@ -22,6 +22,7 @@ from typing import Any
 RELEASE_VERSION = "fly_release_version"
 RELEASE_ID = "fly_release_id"
 CANARY = "fly_canary"
+IDEMPOTENCY = "flywatch_idempotency_key"  # the key flywatch's creates carry (fly/client.py)
 IN_TRANSITION = frozenset({"starting", "stopping", "suspending", "replacing", "updating", "restarting"})
 
 
@@ -56,6 +57,7 @@ class MachineRelease:
     process_group: str = "app"
     healthy: bool | None = None  # the health watch's verdict; None: none yet
     crashed: bool = False  # ended `failed`, or exited non-zero since its release was first seen
+    complete: bool = True  # False: Fly gave only part of the config (host unreachable): never recorded
 
     @property
     def metadata(self) -> Mapping[str, str]:
@@ -149,7 +151,7 @@ def known_good(
     if previous is not None and previous.release == release:
         configs.update(previous.configs)
     for machine in machines:
-        if runs(machine, release) and not machine.canary:
+        if runs(machine, release) and not machine.canary and machine.complete:
             configs[machine.id] = copy.deepcopy(dict(machine.config))
     return KnownGood(release, configs, now, verdict)
 
@@ -201,9 +203,13 @@ def _sibling(machine: MachineRelease, good: KnownGood, by_id: Mapping[str, Machi
     return None
 
 
-def plan_rollback(machines: Sequence[MachineRelease], good: KnownGood) -> RollbackPlan:
-    """What it takes to put every machine back on the known-good release. The machines that crashed or are
-    unhealthy go first (they hurt most), then by region and id."""
+def plan_rollback(
+    machines: Sequence[MachineRelease], good: KnownGood, bad: ReleaseKey | None = None
+) -> RollbackPlan:
+    """What it takes to put the machines of the bad release (or of any release since the known-good one, up
+    to `bad`) back on the known-good release. A machine of a newer release is someone's deploy going
+    forward: never touched. Machines without release metadata are not ours to judge: left alone. The
+    machines that crashed or are unhealthy go first (they hurt most), then by region and id."""
     by_id = {m.id: m for m in machines}
     updates: list[RevertTarget] = []
     destroys: list[str] = []
@@ -211,6 +217,8 @@ def plan_rollback(machines: Sequence[MachineRelease], good: KnownGood) -> Rollba
     order = sorted(machines, key=lambda m: (not (m.crashed or m.healthy is False), m.region, m.id))
     for machine in order:
         if machine.state in {"destroyed", "destroying"} or runs(machine, good.release):
+            continue
+        if machine.version is None or (bad is not None and machine.version > bad.version):
             continue
         if machine.canary:
             destroys.append(machine.id)
@@ -226,6 +234,9 @@ def plan_rollback(machines: Sequence[MachineRelease], good: KnownGood) -> Rollba
             )
             continue
         config = copy.deepcopy(dict(good.configs[sibling]))
+        metadata = dict(config.get("metadata") or {})
+        metadata.pop(IDEMPOTENCY, None)  # the sibling's create key is its own
+        config["metadata"] = metadata
         config["mounts"] = copy.deepcopy(list(machine.config.get("mounts") or []))  # a volume cannot move
         config.pop("standbys", None)
         updates.append(RevertTarget(machine.id, machine.region, config, f"sibling:{sibling}"))
