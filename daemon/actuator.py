@@ -53,6 +53,7 @@ log = logging.getLogger(__name__)
 
 
 LEASED_BY_OTHERS = "leased by someone else"
+ALREADY_AT_TARGET = "already runs the target config"
 
 
 def _held_by_others(steps: Sequence[MachineStep]) -> bool:
@@ -406,11 +407,18 @@ class Actuator:
         except errors.FlyApiError as exc:
             return MachineStep(target.machine_id, "update", Outcome.FAILED, str(exc))
         wanted = MachineConfig.model_validate(dict(target.config))
-        if machine.config is not None and machine.config.to_api() == wanted.to_api():
-            return MachineStep(
-                machine.id, "update", Outcome.SKIPPED, "already runs the target config", machine.region
-            )
         launches = machine.state in _LAUNCHED_BY_UPDATE
+        if machine.config is not None and machine.config.to_api() == wanted.to_api():
+            if machine.state in _LAUNCHED_BY_UPDATE | {"replacing"}:
+                # updated already (by us before a restart, say), but perhaps never seen through: it is only
+                # done once it is started, its checks pass and it runs the image; no change is made
+                try:
+                    await self._await_started(app, machine.id, machine.instance_id)
+                    await self._await_checks(app, machine.id)
+                    await self._verify(app, machine.id, machine.instance_id, target.image)
+                except (errors.FlyApiError, VerificationFailedError, BootFailedError) as exc:
+                    return MachineStep(machine.id, "update", Outcome.FAILED, str(exc), machine.region)
+            return MachineStep(machine.id, "update", Outcome.SKIPPED, ALREADY_AT_TARGET, machine.region)
 
         async def work(held: HeldLease) -> str:
             held.check()

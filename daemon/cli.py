@@ -247,6 +247,13 @@ def _rollback(args: argparse.Namespace) -> int:
         print("flywatch rollback: FLY_API_TOKEN holds a control character", file=sys.stderr)
         return 2
     url = _daemon_url(args)
+    if not _private(url):
+        print(
+            f"flywatch rollback: refusing to send the Fly token over plain HTTP to {url}: use https://, "
+            "or the daemon's private address (loopback, Fly's 6PN fdaa::/16, or a .internal name)",
+            file=sys.stderr,
+        )
+        return 2
     body: dict[str, object] = {"by": _requester()}
     if args.to is not None:
         body["to"] = args.to
@@ -273,6 +280,25 @@ def _rollback(args: argparse.Namespace) -> int:
         why += " (FLY_API_TOKEN here must be the daemon's own)"
     print(f"flywatch rollback: {url} answered {response.status_code}: {_scrub(why, token)}", file=sys.stderr)
     return 1
+
+
+def _private(url: str) -> bool:
+    """Whether the token may go to `url`: over TLS anywhere, or in clear only to this machine or over Fly's
+    private network (WireGuard-encrypted 6PN, fdaa::/16, and its .internal names)."""
+    import ipaddress  # noqa: PLC0415
+    from urllib.parse import urlsplit  # noqa: PLC0415
+
+    parts = urlsplit(url)
+    if parts.scheme == "https":
+        return True
+    host = (parts.hostname or "").lower()
+    if host == "localhost" or host.endswith((".internal", ".flycast")):
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return address.is_loopback or address in ipaddress.ip_network("fdaa::/16")
 
 
 def _requester() -> str:

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
-from daemon.actuator import LEASED_BY_OTHERS, Actuator
+from daemon.actuator import ALREADY_AT_TARGET, LEASED_BY_OTHERS, Actuator
 from daemon.alerts import Alert, Alerter
 from daemon.clock import Clock
 from daemon.config import AppPolicy
@@ -48,6 +48,7 @@ from daemon.core.rollback import (
     KnownGood,
     MachineRelease,
     ReleaseKey,
+    RevertTarget,
     config_from_versions,
     known_good,
     missing_configs,
@@ -67,7 +68,6 @@ from daemon.telemetry.metrics import ReleaseMetrics
 log = logging.getLogger("flywatch.releases")
 RELEASES = "releases"  # store namespace: one WatchState document per app
 HISTORY = "release_history"  # store stream: every release event, keyed by app
-_ALREADY = "already runs the target config"
 _BASELINE_WINDOW = 600.0  # seconds of the known-good release's traffic kept as its baseline
 
 
@@ -155,6 +155,7 @@ class ReleaseWatch:
         self._looked_up: set[tuple[str, str, int]] = set()  # (app, machine, version) searched in /versions
         self._shown: dict[str, tuple[str, str, str]] = {}  # app -> (version, image, verdict) in the gauges
         self._shown_before: dict[str, tuple[str, str, str]] = {}
+        self._traffic_errors: dict[str, dict[str, str]] = {}
         self._pending: list[tuple[str, dict[str, Any]]] = []  # events told, not yet in the history
         self.status: dict[str, dict[str, Any]] = {}
         # a dry run keeps its own record: it must never mark releases bad for a live daemon on the same store
@@ -249,6 +250,8 @@ class ReleaseWatch:
         if not started:
             return state
         reading = await self._traffic.read(app, started, traffic_spec(policy))
+        # why a release may have too little traffic to judge: said in /status, next to the verdict
+        self._traffic_errors[app] = dict(sorted(reading.errors.items())[:5])
         by_id = {v.id: v for v in views}
         watched = state.watched
         window = self._baseline.setdefault(app, deque())
@@ -447,7 +450,7 @@ class ReleaseWatch:
             return replace(state, rollback=replace(rollback, note=note)), []
         if rollback.state is RollbackState.WAITING:
             rollback = replace(rollback, state=RollbackState.RUNNING, note="")
-        targets = [t for t in plan.updates if t.machine_id not in held]
+        targets = self._resumed(rollback, good, views) + [t for t in plan.updates if t.machine_id not in held]
         step = max(policy.release.max_parallel, 1)
         for start in range(0, len(targets), step):
             if rollback.failed:
@@ -507,6 +510,18 @@ class ReleaseWatch:
         state, events = finish_rollback(state, rollback, self._clock.now())
         self._count_rollback(app, rollback)
         return state, events
+
+    @staticmethod
+    def _resumed(rollback: Rollback, good: KnownGood, views: Sequence[MachineRelease]) -> list[RevertTarget]:
+        """Machines a rollback was changing when the daemon died, and that already run the known-good
+        release: not changed again, but seen through (started, checks passing, the image verified) and
+        counted, by handing the actuator the config they already run."""
+        by_id = {v.id: v for v in views}
+        return [
+            RevertTarget(mid, by_id[mid].region, by_id[mid].config, "resumed")
+            for mid in rollback.in_flight
+            if mid in by_id and runs(by_id[mid], good.release) and mid not in rollback.updated
+        ]
 
     def _cannot_go_on(
         self, app: str, state: WatchState, rollback: Rollback, views: Sequence[MachineRelease], now: float
@@ -574,6 +589,7 @@ class ReleaseWatch:
             "rollback": state.rollback.to_json() if state.rollback else None,
             "halted": state.halted,
             "bad": sorted(int(v) for v in state.bad),
+            "traffic_errors": self._traffic_errors.get(app, {}),
         }
         if watched is not None:
             status["watched"] = {
@@ -610,7 +626,9 @@ def _after_steps(rollback: Rollback, steps: Sequence[Any], operation: str) -> Ro
     updated, destroyed = list(rollback.updated), list(rollback.destroyed)
     failed, skipped = dict(rollback.failed), dict(rollback.skipped)
     for step in steps:
-        done = step.outcome is Outcome.DONE or (step.outcome is Outcome.SKIPPED and step.reason == _ALREADY)
+        done = step.outcome is Outcome.DONE or (
+            step.outcome is Outcome.SKIPPED and step.reason == ALREADY_AT_TARGET
+        )
         if done:
             (updated if operation == "update" else destroyed).append(step.machine_id)
             skipped.pop(step.machine_id, None)

@@ -24,7 +24,7 @@ from prometheus_client import CollectorRegistry
 
 from daemon import __version__
 from daemon.app import Daemon
-from daemon.cli import main
+from daemon.cli import _private, main
 from daemon.settings import Settings
 from daemon.telemetry.server import TelemetryServer
 
@@ -695,3 +695,32 @@ async def test_rollback_is_accepted_by_the_real_daemon_server(
         assert code == 1
         assert "answered 401" in err
     assert len(asked) == 1
+
+
+@pytest.mark.parametrize(
+    ("url", "allowed"),
+    [
+        ("http://127.0.0.1:9091", True),
+        ("http://[::1]:9091", True),
+        ("http://localhost:9091", True),
+        ("http://[fdaa:0:1:a7b:1::2]:9091", True),
+        ("http://flywatch.internal:9091", True),
+        ("https://flywatch.example.com", True),
+        ("http://flywatch.example.com:9091", False),
+        ("http://10.0.0.5:9091", False),
+    ],
+)
+def test_rollback_sends_the_token_only_where_it_is_safe(url: str, allowed: bool) -> None:
+    """The Fly token goes in clear only to loopback or Fly's private network; elsewhere only over TLS."""
+    assert _private(url) is allowed
+
+
+def test_rollback_refuses_plain_http_to_a_public_host(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`flywatch rollback --url http://public` exits 2 before sending anything, naming why."""
+    monkeypatch.setenv("FLY_API_TOKEN", "sim-token")
+    assert main(["rollback", "shop", "--url", "http://flywatch.example.com:9091"]) == 2
+    err = capsys.readouterr().err
+    assert "refusing to send the Fly token over plain HTTP" in err
+    assert "sim-token" not in err

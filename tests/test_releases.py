@@ -5,6 +5,7 @@ respected; a rollback by hand; a restart in the middle resumes without touching 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -246,27 +247,47 @@ async def test_a_rollback_by_hand_goes_back_to_the_previous_known_good(
 
 
 async def test_a_restart_mid_rollback_resumes_without_touching_a_machine_twice(
-    build: Any, control: httpx.AsyncClient, api: httpx.AsyncClient, sim: SimServer
+    build: Any, control: httpx.AsyncClient, api: httpx.AsyncClient
 ) -> None:
-    """The state written before each chunk lets a new watch (a restart) finish the rollback; the mutation
-    log shows one rollback update per machine."""
+    """The daemon dies (its tick cancelled) right after the rollback's first updates are sent; a new watch on
+    the same store (a restart) finishes it, seeing the machines already updated through; the mutation log
+    shows exactly one rollback update per machine."""
     watch = build()
     machines = await _fleet(control, api)
     await watch.until(lambda s: s.good is not None)
     await mark_image(control, BAD, mode="errors")
     await _deploy(control, BAD, strategy="immediate")
-    # the first watch dies after its first chunk: its actuator stops after two updates
-    state = await watch.until(lambda s: s.rollback is not None and len(s.rollback.updated) >= 2)
+
+    async def reverts() -> list[str]:
+        counters = (await control.get("/counters")).json()
+        return [
+            m["machine"]
+            for m in counters["mutations"]
+            if m["action"] == "update" and m["image"] == GOOD and m["owner"] == "sim@tokens.fly.io"
+        ]
+
+    for _ in range(60):  # tick until one tick starts the rollback; kill it once its first update is sent
+        task = asyncio.ensure_future(watch.tick())
+        # the simulator's log is polled (bounded: the tick ends by itself) to catch the first update sent
+        while not task.done() and not await reverts():  # noqa: ASYNC110
+            await asyncio.sleep(0.005)
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            break
+        await task
+        await _pause()
+    else:
+        pytest.fail("no rollback started")
+    died = await watch.state()
+    assert died.rollback is not None
+    assert died.rollback.state.active  # it died in the middle
+    assert died.rollback.in_flight  # with the machines it was changing on record
+    assert len(await reverts()) < len(machines)
+    fresh = build()  # a new process: nothing in memory, the same store
+    state = await fresh.until(lambda s: s.rollback is not None and not s.rollback.state.active)
     assert state.rollback is not None
-    if state.rollback.state.active:
-        fresh = build()  # a new process: nothing in memory, the same store
-        state = await fresh.until(lambda s: s.rollback is not None and not s.rollback.state.active)
-    assert state.rollback is not None
-    assert state.rollback.state is RollbackState.DONE
-    counters = (await control.get("/counters")).json()
-    updates = [
-        m["machine"]
-        for m in counters["mutations"]
-        if m["action"] == "update" and m.get("details", {}).get("image", m.get("image")) == GOOD
-    ]
-    assert sorted(updates) == sorted(m["id"] for m in machines)
+    assert state.rollback.state is RollbackState.DONE, state.rollback
+    assert sorted(await reverts()) == sorted(m["id"] for m in machines)  # each once, none twice
+    assert sorted(state.rollback.updated) == sorted(m["id"] for m in machines)

@@ -307,6 +307,13 @@ def advance(
         watched = Watched(newest, first_seen=now, after_rollback=after)
         if not after:
             events.append(Event("release_seen", f"release {newest.label} ({newest.image}) seen", newest))
+        if state.is_bad(newest):
+            # back on a release rolled back once (a deploy retried, a human): told, never rolled back twice
+            why = (
+                f"{newest.label} ({newest.image}) was rolled back before and runs again: "
+                "not rolled back twice"
+            )
+            events.append(Event("release_failing", why, newest, alert=True))
         known = [int(v) for v in state.bad] + ([state.good.release.version] if state.good else [])
         if state.halted and newest.version > max(known, default=0):
             state = replace(state, halted="")  # a release newer than any judged: the watch starts afresh

@@ -260,14 +260,16 @@ def test_too_little_traffic_bakes_then_is_inconclusive_and_kept() -> None:
 
 
 def test_a_release_marked_bad_seen_again_is_failing_without_a_second_rollback() -> None:
-    """A release rolled back once is failing "marked bad" when seen again, and never rolled back again."""
+    """A release rolled back once, seen again, is failing "marked bad" and alerted, never rolled back again."""
     rolled = failed_over()
     assert rolled.rollback is not None
     done, _ = finish_rollback(rolled, replace(rolled.rollback, state=RollbackState.DONE), T0 + 60)
     back = tick(done, fleet(V1), T0 + 70).state
 
     step = tick(back, fleet(V2), T0 + 100)
-    assert kinds(step) == ["release_seen", "verdict"]
+    assert kinds(step) == ["release_seen", "release_failing", "verdict"]
+    assert step.events[1].alert
+    assert "runs again: not rolled back twice" in step.events[1].summary
     assert step.state.watched is not None
     assert step.state.watched.verdict is F
     assert step.state.watched.reason.startswith("marked bad: error ratio 20.0%")
