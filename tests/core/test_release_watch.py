@@ -260,7 +260,7 @@ def test_too_little_traffic_bakes_then_is_inconclusive_and_kept() -> None:
 
 
 def test_a_release_marked_bad_seen_again_is_failing_without_a_second_rollback() -> None:
-    """A release rolled back once, seen again, is failing "marked bad" and alerted, never rolled back again."""
+    """A release rolled back once, seen again, is "marked bad" and alerted, never rolled back again."""
     rolled = failed_over()
     assert rolled.rollback is not None
     done, _ = finish_rollback(rolled, replace(rolled.rollback, state=RollbackState.DONE), T0 + 60)
