@@ -19,6 +19,7 @@ Every event goes to the release history (`flywatch releases APP`), the log, and 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections import deque
 from collections.abc import Sequence
@@ -32,6 +33,7 @@ from daemon.config import AppPolicy
 from daemon.core.health import Verdict
 from daemon.core.plan import Destroy, Outcome, Rollout, RolloutTarget
 from daemon.core.release_watch import (
+    FINAL,
     Event,
     Hold,
     Policy,
@@ -156,6 +158,8 @@ class ReleaseWatch:
         self._shown: dict[str, tuple[str, str, str]] = {}  # app -> (version, image, verdict) in the gauges
         self._shown_before: dict[str, tuple[str, str, str]] = {}
         self._traffic_errors: dict[str, dict[str, str]] = {}
+        # traffic of a release counted in the tick that first sees it, before it is the watched one
+        self._unclaimed: dict[str, dict[int, dict[str, Traffic]]] = {}
         self._pending: list[tuple[str, dict[str, Any]]] = []  # events told, not yet in the history
         self.status: dict[str, dict[str, Any]] = {}
         # a dry run keeps its own record: it must never mark releases bad for a live daemon on the same store
@@ -197,7 +201,7 @@ class ReleaseWatch:
         watch_policy = Policy(thresholds(policy), policy.release.on_failure, policy.release.lease_wait)
         if not self._rollback_pending(state, views):
             step = advance(state, views, self._baseline_of(app, state, now), watch_policy, now)
-            state = step.state
+            state = self._claim(app, step.state)
             events.extend(step.events)
             self._export(app, state)  # the release judged now is shown, even if rolled back in this tick
         if self._rollback_pending(state, views):
@@ -260,10 +264,18 @@ class ReleaseWatch:
             machine = by_id.get(machine_id)
             if machine is None or machine.version is None:
                 continue
-            if watched is not None and runs(machine, watched.release):
+            mine = watched is not None and runs(machine, watched.release)
+            if mine and watched is not None and watched.verdict not in FINAL:
+                # counted for the release it runs; a final verdict needs no more counting (nor writes)
                 added[machine.region] = added.get(machine.region, Traffic()) + traffic
-            else:
+            if not mine or (state.good is not None and runs(machine, state.good.release)):
+                # the window the baseline comes from: in steady state too (an immediate deploy replaces
+                # every machine between two ticks, and then only what came before can be the baseline)
                 window.append((now, machine.version, machine.region, traffic))
+            if not mine and (watched is None or machine.version > watched.release.version):
+                # a release newer than the watched one: the tick is about to watch it; kept for it
+                early = self._unclaimed.setdefault(app, {}).setdefault(machine.version, {})
+                early[machine.region] = early.get(machine.region, Traffic()) + traffic
         while window and window[0][0] < now - _BASELINE_WINDOW:
             window.popleft()
         if watched is None or not added:
@@ -273,11 +285,22 @@ class ReleaseWatch:
             merged[region] = merged.get(region, Traffic()) + traffic
         return replace(state, watched=replace(watched, traffic=merged))
 
+    def _claim(self, app: str, state: WatchState) -> WatchState:
+        """The watched release takes the traffic counted for it before it was watched (its first tick)."""
+        early = self._unclaimed.pop(app, {})
+        watched = state.watched
+        if watched is None or watched.release.version not in early or watched.verdict in FINAL:
+            return state
+        merged = dict(watched.traffic)
+        for region, traffic in early[watched.release.version].items():
+            merged[region] = merged.get(region, Traffic()) + traffic
+        return replace(state, watched=replace(watched, traffic=merged))
+
     def _baseline_of(self, app: str, state: WatchState, now: float) -> dict[str, Traffic]:
         """The known-good release's own traffic over the last minutes, per region."""
         good = state.good
-        if good is None:
-            return {}
+        if good is None or (state.watched is not None and state.watched.release == good.release):
+            return {}  # the release judged is the known-good one itself: no baseline but the thresholds
         result: dict[str, Traffic] = {}
         for at, version, region, traffic in self._baseline.get(app, ()):
             if version == good.release.version and at >= now - _BASELINE_WINDOW:
@@ -412,15 +435,19 @@ class ReleaseWatch:
     # ------------------------------------------------------------------ the rollback
 
     async def _leased_by_others(self, app: str, machine_ids: Sequence[str]) -> dict[str, str]:
-        held: dict[str, str] = {}
-        for machine_id in machine_ids:
+        """Machines whose lease someone else holds (looked up at once: each has its own rate-limit bucket)."""
+
+        async def holder(machine_id: str) -> str | None:
             try:
                 lease = await self._client.get_lease(app, machine_id)
             except errors.NotFound:
-                continue
-            if lease is not None and not lease.description.startswith("flywatch"):
-                held[machine_id] = f"{lease.owner or 'someone'} ({lease.description or 'no description'})"
-        return held
+                return None
+            if lease is None or lease.description.startswith("flywatch"):
+                return None
+            return f"{lease.owner or 'someone'} ({lease.description or 'no description'})"
+
+        holders = await asyncio.gather(*(holder(mid) for mid in machine_ids))
+        return {mid: who for mid, who in zip(machine_ids, holders, strict=True) if who is not None}
 
     async def _roll_back(
         self,

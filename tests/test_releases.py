@@ -291,3 +291,25 @@ async def test_a_restart_mid_rollback_resumes_without_touching_a_machine_twice(
     assert state.rollback.state is RollbackState.DONE, state.rollback
     assert sorted(await reverts()) == sorted(m["id"] for m in machines)  # each once, none twice
     assert sorted(state.rollback.updated) == sorted(m["id"] for m in machines)
+
+
+async def test_errors_the_previous_release_had_too_do_not_fail_a_release(
+    build: Any, control: httpx.AsyncClient, api: httpx.AsyncClient
+) -> None:
+    """An immediate deploy replaces every machine between two ticks: the baseline still comes from the known
+    -good release's traffic before it, so a new release with the same 10% errors is not blamed for them."""
+    await mark_image(control, GOOD, error_rate=0.1)
+    await mark_image(control, "registry.fly.io/shop:v2", error_rate=0.1)
+    watch = build()
+    await _fleet(control, api)
+    await watch.until(lambda s: s.good is not None)
+    for _ in range(5):  # the known-good release's own traffic: its baseline
+        await watch.tick()
+        await _pause()
+    await _deploy(control, "registry.fly.io/shop:v2", strategy="immediate")
+    state = await watch.until(lambda s: s.good is not None and s.good.release.version == 2)
+    assert state.rollback is None
+    assert state.watched is not None
+    assert state.watched.numbers["baseline_error_ratio"] is not None
+    assert state.watched.numbers["error_ratio"] is not None
+    assert state.watched.numbers["error_ratio"] > 0.05  # above the limit, and as bad as before: kept

@@ -319,9 +319,10 @@ def advance(
             state = replace(state, halted="")  # a release newer than any judged: the watch starts afresh
     if watched.rollout_done_at is None and rolled_out(machines, watched.release):
         watched = replace(watched, rollout_done_at=now)
-    if baseline:
+    final = watched.verdict in FINAL and not state.is_bad(watched.release)
+    if baseline and not final:
         watched = replace(watched, baseline=dict(baseline))  # kept: a restart loses the window, not this
-    if watched.verdict in FINAL and not state.is_bad(watched.release):
+    if final:
         # a verdict reached after the whole bake is final: a crash a day later is an incident for the
         # health watch and the scaler, not a reason to freeze scaling or to roll back a proven release
         state = replace(state, watched=watched)
