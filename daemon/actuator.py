@@ -47,7 +47,7 @@ from daemon.core.plan import (
 )
 from daemon.fly import errors
 from daemon.fly.client import IDEMPOTENCY_KEY, HeldLease, MachinesClient
-from daemon.fly.models import Lease, Machine, MachineConfig
+from daemon.fly.models import ImageRef, Lease, Machine, MachineConfig
 
 log = logging.getLogger(__name__)
 
@@ -204,7 +204,9 @@ class Actuator:
                     held.check()
                     return MachineStep(machine.id, operation, Outcome.DONE, detail, machine.region)
         except (errors.FlyApiError, VerificationFailedError, BootFailedError) as exc:
-            return MachineStep(machine.id, operation, Outcome.FAILED, str(exc), machine.region)
+            return MachineStep(
+                machine.id, operation, Outcome.FAILED, str(exc), machine.region, retryable=_passing(exc)
+            )
 
     def _dry(self, action: Action, would: list[str]) -> ActionResult:
         text = "; ".join(would) if would else "nothing to do"
@@ -408,16 +410,16 @@ class Actuator:
             return MachineStep(target.machine_id, "update", Outcome.FAILED, str(exc))
         wanted = MachineConfig.model_validate(dict(target.config))
         launches = machine.state in _LAUNCHED_BY_UPDATE
-        if machine.config is not None and machine.config.to_api() == wanted.to_api():
-            if machine.state in _LAUNCHED_BY_UPDATE | {"replacing"}:
-                # updated already (by us before a restart, say), but perhaps never seen through: it is only
-                # done once it is started, its checks pass and it runs the image; no change is made
-                try:
-                    await self._await_started(app, machine.id, machine.instance_id)
-                    await self._await_checks(app, machine.id)
-                    await self._verify(app, machine.id, machine.instance_id, target.image)
-                except (errors.FlyApiError, VerificationFailedError, BootFailedError) as exc:
-                    return MachineStep(machine.id, "update", Outcome.FAILED, str(exc), machine.region)
+        if machine.config is None:
+            # Fly cannot reach its host and shows only part of its config: an update sends the whole
+            # config, so nothing is sent until the host answers again
+            why = f"host {machine.host_status}: its config is not known"
+            return MachineStep(machine.id, "update", Outcome.SKIPPED, why, machine.region)
+        if machine.config.to_api() == wanted.to_api():
+            try:
+                await self._see_through(app, machine, target)
+            except (errors.FlyApiError, VerificationFailedError, BootFailedError) as exc:
+                return MachineStep(machine.id, "update", Outcome.FAILED, str(exc), machine.region)
             return MachineStep(machine.id, "update", Outcome.SKIPPED, ALREADY_AT_TARGET, machine.region)
 
         async def work(held: HeldLease) -> str:
@@ -466,6 +468,20 @@ class Actuator:
 
         return await self._leased(app, machine, "destroy", work)
 
+    async def _see_through(self, app: str, machine: Machine, target: RolloutTarget) -> None:
+        """A machine updated already (by us before a restart, say) but perhaps never seen through: done only
+        once it has settled, and, if it runs, is started with passing checks, on the target image. Nothing
+        is changed."""
+        if machine.state == "replacing":
+            await self._client.wait(
+                app, machine.id, "settled", timeout=self._wait_timeout, version=machine.instance_id
+            )
+            machine = await self._client.get_machine(app, machine.id)
+        if machine.state in _LAUNCHED_BY_UPDATE:
+            await self._await_started(app, machine.id, machine.instance_id)
+            await self._await_checks(app, machine.id)
+        await self._verify(app, machine.id, machine.instance_id, target.image)
+
     async def _await_started(self, app: str, machine_id: str, version: str | None) -> None:
         """Until this version of the machine is started; if it ends `failed`, fail now, not at the timeout."""
         result = await self._client.wait(
@@ -496,6 +512,13 @@ class Actuator:
     async def _verify(self, app: str, machine_id: str, instance_id: str, image: str) -> str:
         """Fly can silently revert an update: read the machine back and check what it really runs."""
         machine = await self._client.get_machine(app, machine_id)
+        running = machine.image_ref.ref if machine.image_ref is not None else ""
+        if running and machine.image_ref is not None and not _same_image(machine.image_ref, image):
+            # image_ref is what the machine really runs, whatever its config says
+            raise VerificationFailedError(
+                f"update reverted: Fly reports it runs {running}, not {image} "
+                f"(instance {machine.instance_id})"
+            )
         if machine.image != image:
             raise VerificationFailedError(
                 f"update reverted: Fly reports image {machine.image}, not {image} "
@@ -506,6 +529,41 @@ class Actuator:
                 f"update reverted: instance {machine.instance_id} is not the updated {instance_id}"
             )
         return f"runs {image} as instance {instance_id}"
+
+
+_PASSING = (
+    errors.ServerError,
+    errors.RateLimited,
+    errors.TransportError,
+    errors.BadResponse,
+    errors.LeaseLost,
+    errors.VersionConflict,
+)
+
+
+def _passing(exc: Exception) -> bool:
+    """A failure of the way to the machine, not of the machine: tried again later, it may well work."""
+    return isinstance(exc, _PASSING)
+
+
+def _same_image(ref: ImageRef, image: str) -> bool:
+    """Whether `image_ref` names `image`: the same repository and tag (or digest), the registry written
+    out or not (Fly writes docker.io out; a config may leave it implicit)."""
+    name, _, digest = image.partition("@")
+    if digest and ref.digest:
+        return ref.digest == digest
+    registry, slash, rest = name.partition("/")
+    if not (slash and ("." in registry or ":" in registry or registry == "localhost")):
+        registry, rest = "docker.io", name
+    repository, colon, tag = rest.rpartition(":")
+    if not colon or "/" in tag:
+        repository, tag = rest, "latest"
+    if registry == "docker.io" and "/" not in repository:
+        repository = f"library/{repository}"
+    ref_repository = ref.repository
+    if (ref.registry or "docker.io") == "docker.io" and "/" not in ref_repository:
+        ref_repository = f"library/{ref_repository}"
+    return (ref.registry or "docker.io", ref_repository, ref.tag or "latest") == (registry, repository, tag)
 
 
 def results_json(results: Sequence[ActionResult]) -> list[dict[str, Any]]:

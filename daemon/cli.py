@@ -77,11 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     url_help = "the daemon's address (default: from FLYWATCH_LISTEN, e.g. http://127.0.0.1:9091)"
     for name, text, records in (
-        ("status", "per app and region: desired, machines, health, last decision", ""),
+        ("status", "a running daemon's apps, per region: desired, machines, health, last decision", ""),
         ("explain", "an app's regions and its recent decisions, with their reasons", "decisions"),
-        ("releases", "release watch of an app: verdicts, known-good release, rollbacks", "release events"),
+        ("releases", "an app's release watch: verdicts, known-good release, rollbacks", "release events"),
     ):
-        view = commands.add_parser(name, help=f"show a running daemon's {text}")
+        view = commands.add_parser(name, help=f"show {text}")
         if records:
             view.add_argument("app", help=f"the app whose {records} to show")
             view.add_argument(

@@ -210,8 +210,8 @@ class Reconciler:
                 continue
             before = self._region_states.get((app, region))
             self._region_states[(app, region)] = verdict.state
-            if self._alerter is None or before is verdict.state:
-                continue
+            if self._alerter is None or self._actuator.dry_run or before is verdict.state:
+                continue  # a dry run tells its log, not the webhooks a live daemon alerts
             if verdict.state is RegionState.DOWN:
                 event, summary = "region_down", f"{app}: {region} is down: {verdict.reason}"
             elif before is RegionState.DOWN:

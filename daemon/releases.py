@@ -70,6 +70,7 @@ from daemon.telemetry.metrics import ReleaseMetrics
 log = logging.getLogger("flywatch.releases")
 RELEASES = "releases"  # store namespace: one WatchState document per app
 HISTORY = "release_history"  # store stream: every release event, keyed by app
+_CRASH_GRACE = 60.0  # seconds before a release's first sighting in which its machines' exits count
 _BASELINE_WINDOW = 600.0  # seconds of the known-good release's traffic kept as its baseline
 
 
@@ -100,12 +101,14 @@ def traffic_spec(policy: AppPolicy) -> TrafficSpec:
     )
 
 
-def crashed(machine: Machine) -> bool:
-    """Failed, or exited non-zero since its current config was launched (events are newest first)."""
+def crashed(machine: Machine, since: float) -> bool:
+    """Failed, or exited non-zero since its current config was launched and no earlier than `since` (the
+    release's first sighting, less a grace): an old exit of a machine a rollback never touched, or an OOM
+    weeks ago, is no crash of the release judged now. Events are newest first."""
     if machine.state == "failed":
         return True
     for event in machine.events:
-        if event.type in {"update", "launch"}:
+        if event.type in {"update", "launch"} or event.timestamp / 1000.0 < since:
             return False
         if event.type == "exit":
             exit_event = event.request.get("exit_event") or {}
@@ -117,7 +120,7 @@ def crashed(machine: Machine) -> bool:
     return False
 
 
-def view(machine: Machine, health: AppHealth | None) -> MachineRelease:
+def view(machine: Machine, health: AppHealth | None, since: float) -> MachineRelease:
     config = machine.known_config
     verdict = health.machines.get(machine.id) if health is not None else None
     healthy = None
@@ -130,7 +133,7 @@ def view(machine: Machine, health: AppHealth | None) -> MachineRelease:
         config=config.to_api() if config is not None else {"image": machine.image},
         process_group=machine.process_group or "app",
         healthy=healthy,
-        crashed=crashed(machine),
+        crashed=crashed(machine, since),
         complete=machine.config is not None,
     )
 
@@ -183,7 +186,9 @@ class ReleaseWatch:
             if (m.process_group or "app") == policy.process_group
             and m.state not in {"destroyed", "destroying"}
         ]
-        views = [view(m, health) for m in group]
+        # crashes count from the watched release's first sighting (a release first seen now: the last minute)
+        since = (state.watched.first_seen if state.watched is not None else now) - _CRASH_GRACE
+        views = [view(m, health, since) for m in group]
         events: list[Event] = []
         state = await self._count_traffic(app, policy, group, views, state, now)
         request = await self._store.get(self._requests, app)
@@ -268,10 +273,9 @@ class ReleaseWatch:
             if mine and watched is not None and watched.verdict not in FINAL:
                 # counted for the release it runs; a final verdict needs no more counting (nor writes)
                 added[machine.region] = added.get(machine.region, Traffic()) + traffic
-            if not mine or (state.good is not None and runs(machine, state.good.release)):
-                # the window the baseline comes from: in steady state too (an immediate deploy replaces
-                # every machine between two ticks, and then only what came before can be the baseline)
-                window.append((now, machine.version, machine.region, traffic))
+            # the window the baseline comes from, steady state included (an immediate deploy replaces
+            # every machine between two ticks, and then only what came before can be the baseline)
+            window.append((now, machine.version, machine.region, traffic))
             if not mine and (watched is None or machine.version > watched.release.version):
                 # a release newer than the watched one: the tick is about to watch it; kept for it
                 early = self._unclaimed.setdefault(app, {}).setdefault(machine.version, {})
@@ -297,13 +301,25 @@ class ReleaseWatch:
         return replace(state, watched=replace(watched, traffic=merged))
 
     def _baseline_of(self, app: str, state: WatchState, now: float) -> dict[str, Traffic]:
-        """The known-good release's own traffic over the last minutes, per region."""
-        good = state.good
-        if good is None or (state.watched is not None and state.watched.release == good.release):
-            return {}  # the release judged is the known-good one itself: no baseline but the thresholds
+        """The previous release's own traffic over the last minutes, per region: the newest release older
+        than the watched one (a release rolled back as bad aside), whether or not it was judged good: a
+        release is not blamed for errors the one before it had too."""
+        watched = state.watched
+        if watched is None:
+            return {}
+        recent = [
+            entry
+            for entry in self._baseline.get(app, ())
+            if entry[0] >= now - _BASELINE_WINDOW
+            and entry[1] < watched.release.version
+            and str(entry[1]) not in state.bad
+        ]
+        if not recent:
+            return {}
+        previous = max(version for _, version, _, _ in recent)
         result: dict[str, Traffic] = {}
-        for at, version, region, traffic in self._baseline.get(app, ()):
-            if version == good.release.version and at >= now - _BASELINE_WINDOW:
+        for _, version, region, traffic in recent:
+            if version == previous:
                 result[region] = result.get(region, Traffic()) + traffic
         return result
 
@@ -348,8 +364,10 @@ class ReleaseWatch:
         current = state.watched.release if state.watched is not None else None
         if current is None:
             raise RollbackRequestError(f"no release of {app} seen yet")
-        if to == current.version:
-            raise RollbackRequestError(f"{current.label} is the release running now")
+        if to is not None and to >= current.version:
+            raise RollbackRequestError(f"v{to} is not older than {current.label}, the release running now")
+        if to is not None and str(to) in state.bad:
+            raise RollbackRequestError(f"v{to} was rolled back as failing: it is never returned to")
         records = [g for g in (state.good, *state.previous) if g is not None]
         if to is None and not any(g.release.version < current.version for g in records):
             raise RollbackRequestError(f"no known-good release older than {current.label} on record")
@@ -409,8 +427,10 @@ class ReleaseWatch:
             if not older:
                 raise RollbackRequestError(f"no known-good release older than {current.label} on record")
             return max(older, key=lambda g: g.release.version)
-        if to == current.version:
-            raise RollbackRequestError(f"{current.label} is the release running now")
+        if to >= current.version:
+            raise RollbackRequestError(f"v{to} is not older than {current.label}, the release running now")
+        if str(to) in state.bad:
+            raise RollbackRequestError(f"v{to} was rolled back as failing: it is never returned to")
         for record in records:
             if record.release.version == to:
                 return record
@@ -442,8 +462,10 @@ class ReleaseWatch:
                 lease = await self._client.get_lease(app, machine_id)
             except errors.NotFound:
                 return None
-            if lease is None or lease.description.startswith("flywatch"):
+            if lease is None:
                 return None
+            # this tick holds no lease yet: a flywatch lease now is an earlier process's (killed mid-
+            # rollback) or another instance's, and is waited for like anyone's until it expires
             return f"{lease.owner or 'someone'} ({lease.description or 'no description'})"
 
         holders = await asyncio.gather(*(holder(mid) for mid in machine_ids))
@@ -508,15 +530,28 @@ class ReleaseWatch:
         rollback = replace(rollback, in_flight=())
         # whatever was not reverted is left: held when looked at, or taken by someone since (the actuator
         # skipped it); a rollback is done only when no machine of the bad release is left
-        wanted = [t.machine_id for t in plan.updates] + list(plan.destroys)
+        wanted = [t.machine_id for t in plan.updates] + list(plan.destroys) + list(plan.unreachable)
+        held.update(dict.fromkeys(plan.unreachable, "host unreachable: its config is not known"))
         done = set(rollback.updated) | set(rollback.destroyed)
         left = {
             mid: held.get(mid) or rollback.skipped.get(mid) or "not reverted"
             for mid in wanted
             if mid not in done
         }
+        return self._conclude(app, state, rollback, left)
+
+    def _conclude(
+        self, app: str, state: WatchState, rollback: Rollback, left: dict[str, str]
+    ) -> tuple[WatchState, list[Event]]:
+        """After a pass: failed, still waiting, partial (some left to others), or done."""
         if rollback.failed:
             rollback = replace(rollback, state=RollbackState.FAILED)
+        elif left and not rollback.updated and not rollback.destroyed:
+            # nothing reverted yet, everything held (a deploy with every lease): waiting, not finished
+            note = "waiting for " + ", ".join(f"{mid} ({why})" for mid, why in sorted(left.items()))
+            return replace(
+                state, rollback=replace(rollback, skipped={**rollback.skipped, **left}, note=note)
+            ), []
         elif left:
             rollback = replace(rollback, skipped={**rollback.skipped, **left})
             if rollback.state is RollbackState.RUNNING:
@@ -527,6 +562,7 @@ class ReleaseWatch:
             finished_partial = rollback.state is RollbackState.PARTIAL
             rollback = replace(rollback, state=RollbackState.DONE, skipped={})
             if finished_partial:
+                self._count_rollback(app, rollback)  # counted once, at its real end
                 event = Event(
                     "rollback_finished",
                     f"the machines others held are reverted too: {rollback.from_release.label} is gone",
@@ -535,7 +571,8 @@ class ReleaseWatch:
                 )
                 return replace(state, rollback=rollback), [event]
         state, events = finish_rollback(state, rollback, self._clock.now())
-        self._count_rollback(app, rollback)
+        if rollback.state is not RollbackState.PARTIAL:
+            self._count_rollback(app, rollback)  # a partial one is counted when the rest is reverted
         return state, events
 
     @staticmethod
@@ -547,7 +584,10 @@ class ReleaseWatch:
         return [
             RevertTarget(mid, by_id[mid].region, by_id[mid].config, "resumed")
             for mid in rollback.in_flight
-            if mid in by_id and runs(by_id[mid], good.release) and mid not in rollback.updated
+            if mid in by_id
+            and by_id[mid].complete
+            and runs(by_id[mid], good.release)
+            and mid not in rollback.updated
         ]
 
     def _cannot_go_on(
@@ -661,6 +701,10 @@ def _after_steps(rollback: Rollback, steps: Sequence[Any], operation: str) -> Ro
             skipped.pop(step.machine_id, None)
         elif step.outcome is Outcome.SKIPPED and step.reason.startswith(LEASED_BY_OTHERS):
             skipped[step.machine_id] = step.reason
+        elif step.outcome is Outcome.FAILED and (step.retryable or operation == "destroy"):
+            # a canary that will not go is a leftover to retry, never a reason to give up the rollback
+            # the API, not the machine, failed: the machine is left for the next tick, not given up on
+            skipped[step.machine_id] = f"{step.operation} to be tried again: {step.reason}"
         elif step.outcome is Outcome.FAILED:
             failed[step.machine_id] = f"{step.operation}: {step.reason}"
         # skipped because the chunk stopped after a failure: left for the report as not tried

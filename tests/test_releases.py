@@ -296,8 +296,9 @@ async def test_a_restart_mid_rollback_resumes_without_touching_a_machine_twice(
 async def test_errors_the_previous_release_had_too_do_not_fail_a_release(
     build: Any, control: httpx.AsyncClient, api: httpx.AsyncClient
 ) -> None:
-    """An immediate deploy replaces every machine between two ticks: the baseline still comes from the known
-    -good release's traffic before it, so a new release with the same 10% errors is not blamed for them."""
+    """An immediate deploy replaces every machine between two ticks: the baseline still comes from the
+    release before it (itself above the limit: alerted, not known-good), so a new release with the same
+    10% errors is not blamed for them, and is kept."""
     await mark_image(control, GOOD, error_rate=0.1)
     await mark_image(control, "registry.fly.io/shop:v2", error_rate=0.1)
     watch = build()
@@ -307,9 +308,15 @@ async def test_errors_the_previous_release_had_too_do_not_fail_a_release(
         await watch.tick()
         await _pause()
     await _deploy(control, "registry.fly.io/shop:v2", strategy="immediate")
-    state = await watch.until(lambda s: s.good is not None and s.good.release.version == 2)
+    state = await watch.until(
+        lambda s: (
+            s.watched is not None and s.watched.release.version == 2 and s.watched.verdict.value == "healthy"
+        )
+    )
     assert state.rollback is None
     assert state.watched is not None
+    assert state.good is not None
+    assert state.good.release.version == 2
     assert state.watched.numbers["baseline_error_ratio"] is not None
     assert state.watched.numbers["error_ratio"] is not None
     assert state.watched.numbers["error_ratio"] > 0.05  # above the limit, and as bad as before: kept

@@ -107,6 +107,9 @@ class MachineStep:
     outcome: Outcome
     reason: str = ""
     region: str = ""
+    # failed for a reason that may pass (the API answering 5xx, no answer, a lease lost, the machine changed
+    # under us), not because the machine itself cannot do it: worth trying again later
+    retryable: bool = False
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,8 @@ from daemon.core.traffic import Traffic, total
 KEEP_PREVIOUS = 3  # known-good records kept besides the current one, for `flywatch rollback --to`
 QUANTILE = 0.95
 STOPPED = "stopped: nothing more is done by itself until a newer release"
-FINAL = frozenset({ReleaseVerdict.HEALTHY, ReleaseVerdict.INCONCLUSIVE})
+# only a healthy verdict is final: an inconclusive release goes on being judged as traffic comes
+FINAL = frozenset({ReleaseVerdict.HEALTHY})
 
 
 class RollbackState(StrEnum):
@@ -119,6 +120,7 @@ class Watched:
     after_rollback: bool = False  # the known-good release, watched again after a rollback to it
     traffic: Mapping[str, Traffic] = field(default_factory=dict)  # counted on its machines, per region
     baseline: Mapping[str, Traffic] = field(default_factory=dict)  # the known-good release's, last seen
+    alerted: tuple[str, ...] = ()  # the alerts already sent for it (failing, inconclusive: once each)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -131,6 +133,7 @@ class Watched:
             "after_rollback": self.after_rollback,
             "traffic": {region: traffic_json(t) for region, t in self.traffic.items()},
             "baseline": {region: traffic_json(t) for region, t in self.baseline.items()},
+            "alerted": list(self.alerted),
         }
 
     @classmethod
@@ -145,6 +148,7 @@ class Watched:
             after_rollback=bool(data.get("after_rollback", False)),
             traffic={region: traffic_from_json(t) for region, t in (data.get("traffic") or {}).items()},
             baseline={region: traffic_from_json(t) for region, t in (data.get("baseline") or {}).items()},
+            alerted=tuple(data.get("alerted") or ()),
         )
 
 
@@ -320,8 +324,13 @@ def advance(
     if watched.rollout_done_at is None and rolled_out(machines, watched.release):
         watched = replace(watched, rollout_done_at=now)
     final = watched.verdict in FINAL and not state.is_bad(watched.release)
-    if baseline and not final:
-        watched = replace(watched, baseline=dict(baseline))  # kept: a restart loses the window, not this
+    if (
+        baseline
+        and not final
+        and total(baseline.values()).requests >= total(watched.baseline.values()).requests
+    ):
+        # kept (a restart loses the window, not this), and only ever replaced by a larger sample
+        watched = replace(watched, baseline=dict(baseline))
     if final:
         # a verdict reached after the whole bake is final: a crash a day later is an incident for the
         # health watch and the scaler, not a reason to freeze scaling or to roll back a proven release
@@ -348,9 +357,30 @@ def advance(
             )
         )
         state, more = _on_verdict(state, watched, judgement, policy, now)
+        state, more = _once(state, more)
         events.extend(more)
-    state = _record_good(state, machines, watched, now)
+    state = _record_good(state, machines, state.watched or watched, now)
     return Step(state, tuple(events))
+
+
+ONCE = frozenset({"release_failing", "release_inconclusive"})
+
+
+def _once(state: WatchState, events: list[Event]) -> tuple[WatchState, list[Event]]:
+    """A release's failing and inconclusive alerts go out once each: a verdict that flips back and forth
+    as numbers move is written to the history every time, and alerted the first time only."""
+    watched = state.watched
+    if watched is None:
+        return state, events
+    told = set(watched.alerted)
+    result = []
+    for event in events:
+        if event.alert and event.kind in ONCE:
+            if event.kind in told:
+                event = replace(event, alert=False)  # noqa: PLW2901 - the same event, not alerted again
+            told.add(event.kind)
+        result.append(event)
+    return replace(state, watched=replace(watched, alerted=tuple(sorted(told)))), result
 
 
 def _on_verdict(
@@ -369,6 +399,9 @@ def _on_verdict(
         ]
     if judgement.verdict is not ReleaseVerdict.FAILING or state.is_bad(release):
         return state, []
+    if state.good is not None and state.good.release == release:
+        # the release on record (adopted at first sight, say) fails: it is no longer one to return to
+        state = replace(state, good=None)
     if watched.after_rollback:
         why = f"the release rolled back to, {release.label}, fails too: {judgement.reason}; {STOPPED}"
         # the release rolled back to is no longer known-good: no later rollback may return to it
@@ -456,6 +489,8 @@ def _record_good(
         return state if refreshed == good else replace(state, good=refreshed)
     if good is None and watched.verdict is not ReleaseVerdict.FAILING:
         return replace(state, good=known_good(machines, watched.release, now, "adopted"))
+    if good is not None and watched.verdict is ReleaseVerdict.INCONCLUSIVE and good.verdict == "healthy":
+        return state  # an unproven release never replaces a proven one as the release to return to
     if good is not None and judged_good and watched.release.version > good.release.version:
         previous = (good, *[p for p in state.previous if p.release != good.release])[:KEEP_PREVIOUS]
         return replace(

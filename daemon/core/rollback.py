@@ -106,8 +106,10 @@ def runs(machine: MachineRelease, release: ReleaseKey) -> bool:
 
 
 def rolled_out(machines: Sequence[MachineRelease], release: ReleaseKey) -> bool:
-    """Every machine (canaries aside) runs the release, and none is changing."""
-    regular = [m for m in machines if not m.canary]
+    """Every machine (canaries aside) runs the release, and none is changing. Machines without release
+    metadata, and machines on unreachable hosts (whose config is not known), are left out, as flyctl's deploy
+    leaves them out."""
+    regular = [m for m in machines if not m.canary and m.version is not None and m.complete]
     return bool(regular) and all(runs(m, release) and m.state not in IN_TRANSITION for m in regular)
 
 
@@ -180,6 +182,7 @@ class RollbackPlan:
     updates: tuple[RevertTarget, ...] = ()
     destroys: tuple[str, ...] = ()  # canaries of the bad release
     stuck: dict[str, str] = field(default_factory=dict)  # machines that cannot be reverted, and why
+    unreachable: tuple[str, ...] = ()  # on hosts Fly cannot reach: their config is unknown, left for later
 
     @property
     def empty(self) -> bool:
@@ -214,6 +217,7 @@ def plan_rollback(
     updates: list[RevertTarget] = []
     destroys: list[str] = []
     stuck: dict[str, str] = {}
+    unreachable: list[str] = []
     order = sorted(machines, key=lambda m: (not (m.crashed or m.healthy is False), m.region, m.id))
     for machine in order:
         if machine.state in {"destroyed", "destroying"} or runs(machine, good.release):
@@ -222,6 +226,9 @@ def plan_rollback(
             continue
         if machine.canary:
             destroys.append(machine.id)
+            continue
+        if not machine.complete:
+            unreachable.append(machine.id)  # an update sends the whole config: never a partial one
             continue
         own = good.configs.get(machine.id)
         if own is not None:
@@ -240,7 +247,7 @@ def plan_rollback(
         config["mounts"] = copy.deepcopy(list(machine.config.get("mounts") or []))  # a volume cannot move
         config.pop("standbys", None)
         updates.append(RevertTarget(machine.id, machine.region, config, f"sibling:{sibling}"))
-    return RollbackPlan(good.release, tuple(updates), tuple(destroys), stuck)
+    return RollbackPlan(good.release, tuple(updates), tuple(destroys), stuck, tuple(unreachable))
 
 
 def config_from_versions(

@@ -266,7 +266,7 @@ class MachinesClient:
                 raise error  # the caller's own deadline comes first
             if self._metrics is not None:
                 self._metrics.retries.labels(endpoint, reason).inc()
-            log.info("retrying %s after %s in %.2fs (retry %d)", endpoint, reason, delay, retry + 1)
+            log.info("retrying %s after a %s error in %.2fs (retry %d)", endpoint, reason, delay, retry + 1)
             await self._clock.sleep(delay)
             retry += 1
 

@@ -76,19 +76,22 @@ class HealthWatch:
         now = self._clock.now()
         verdicts: dict[str, MachineVerdict] = {}
         for machine in started:
+            # the history is a process's: an update or a restart into a new instance starts it afresh, so
+            # the verdicts of the release before never stick to the one after
+            key = f"{machine.id}/{machine.instance_id}"
             result = results.get(machine.id)
             if result is not None:
-                history[machine.id] = step(history.get(machine.id, MachineHealth()), result, spec.rules)
+                history[key] = step(history.get(key, MachineHealth()), result, spec.rules)
                 self._count(app, machine.region, result.label, result.outcome.latency)
             signals = MachineSignals(
                 machine_id=machine.id,
                 region=machine.region,
-                probe=history.get(machine.id, MachineHealth()),
+                probe=history.get(key, MachineHealth()),
                 host_ok=machine.host_status == "ok",
                 fly_checks=machine.checks_passing,
             )
             verdicts[machine.id] = machine_verdict(signals, now, spec.rules)
-        for gone in set(history) - {m.id for m in started}:
+        for gone in set(history) - {f"{m.id}/{m.instance_id}" for m in started}:
             del history[gone]  # a stopped machine starts afresh when it comes back
         regions_now = {m.region for m in members}
         regions = {

@@ -240,7 +240,8 @@ def test_failing_release_without_an_earlier_good_is_only_alerted(state: WatchSta
 
 
 def test_too_little_traffic_bakes_then_is_inconclusive_and_kept() -> None:
-    """Too little traffic: baking, then inconclusive (alerted once), and kept as known-good."""
+    """Too little traffic: baking, then inconclusive (alerted once) and kept running, but a proven release
+    stays the one to return to."""
     baking = tick(fed(rolling_out(), iad=LITTLE), fleet(V2), T0 + 100)
     assert not baking.events
     assert baking.state.watched is not None
@@ -252,8 +253,7 @@ def test_too_little_traffic_bakes_then_is_inconclusive_and_kept() -> None:
     assert "kept, and to be looked at" in judged.events[1].summary
     assert judged.state.rollback is None
     assert judged.state.good is not None
-    assert judged.state.good.release == V2
-    assert judged.state.good.verdict == "inconclusive"
+    assert judged.state.good.release == V1  # healthy, proven: an unproven release does not replace it
 
     again = tick(judged.state, fleet(V2), T0 + 500)
     assert not again.events
@@ -614,3 +614,26 @@ def test_a_final_verdict_is_not_judged_again() -> None:
     assert step.state.rollback is None
     assert step.state.watched is not None
     assert step.state.watched.verdict is H
+
+
+def test_an_inconclusive_release_becomes_known_good_when_nothing_proven_is_on_record() -> None:
+    """With no healthy release on record, an inconclusive one (no crash, nothing unhealthy) is the best
+    there is to return to."""
+    state = replace(fed(rolling_out(), iad=LITTLE), good=None)
+    judged = tick(tick(state, fleet(V2), T0 + 100).state, fleet(V2), T0 + 400)
+    assert judged.state.watched is not None
+    assert judged.state.watched.verdict.value == "inconclusive"
+    assert judged.state.good is not None
+    assert judged.state.good.release == V2
+
+
+def test_a_failing_release_on_record_is_no_longer_known_good() -> None:
+    """A release adopted at first sight that then fails is dropped from the record: no later rollback
+    returns to it."""
+    state = WatchState(watched=Watched(V2, T0 - 10))
+    adopted = tick(state, fleet(V2), T0).state
+    assert adopted.good is not None
+    failing = tick(adopted, fleet(V2, m1={"crashed": True}), T0 + 5).state
+    assert failing.watched is not None
+    assert failing.watched.verdict is F
+    assert failing.good is None
