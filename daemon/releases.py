@@ -126,6 +126,9 @@ def view(machine: Machine, health: AppHealth | None, since: float) -> MachineRel
     healthy = None
     if verdict is not None and not verdict.unreachable:  # an unreachable host is an outage, not the release
         healthy = {Verdict.HEALTHY: True, Verdict.UNHEALTHY: False}.get(verdict.verdict)
+    elif verdict is None and machine.host_status == "ok" and machine.state == "started":
+        # not probed (a deploy's canary, which the health watch leaves out): Fly's own checks say it
+        healthy = machine.checks_passing
     return MachineRelease(
         id=machine.id,
         region=machine.region,

@@ -320,3 +320,25 @@ async def test_errors_the_previous_release_had_too_do_not_fail_a_release(
     assert state.watched.numbers["baseline_error_ratio"] is not None
     assert state.watched.numbers["error_ratio"] is not None
     assert state.watched.numbers["error_ratio"] > 0.05  # above the limit, and as bad as before: kept
+
+
+async def test_a_failed_canary_left_behind_by_a_deploy_is_destroyed(
+    build: Any, control: httpx.AsyncClient, api: httpx.AsyncClient
+) -> None:
+    """flyctl's canary of a bad release fails its checks and the deploy stops, leaving it: the release is
+    judged failing on it (Fly's checks), the canary is destroyed, and no other machine is touched."""
+    watch = build()
+    before = {m["id"]: m["config"] for m in await _fleet(control, api)}
+    await watch.until(lambda s: s.good is not None)
+    await mark_image(control, BAD, mode="unhealthy")
+    await _deploy(control, BAD, strategy="canary", wait_timeout=2)
+    state = await watch.until(lambda s: s.rollback is not None and not s.rollback.state.active)
+    assert state.rollback is not None
+    assert state.rollback.state is RollbackState.DONE, state.rollback
+    assert len(state.rollback.destroyed) == 1
+    assert state.rollback.updated == ()
+    after = {m["id"]: m["config"] for m in await _machines(api) if m["state"] != "destroying"}
+    assert after == before  # the canary is going; every other machine as it was
+    canary = (await api.get(f"/apps/shop/machines/{state.rollback.destroyed[0]}")).json()
+    assert canary["state"] in {"destroying", "destroyed"}
+    assert canary["config"]["metadata"]["fly_canary"] == "true"
