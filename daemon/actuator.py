@@ -407,7 +407,7 @@ class Actuator:
         try:
             machine = await self._client.get_machine(app, target.machine_id)
         except errors.FlyApiError as exc:
-            return MachineStep(target.machine_id, "update", Outcome.FAILED, str(exc))
+            return MachineStep(target.machine_id, "update", Outcome.FAILED, str(exc), retryable=_passing(exc))
         wanted = MachineConfig.model_validate(dict(target.config))
         launches = machine.state in _LAUNCHED_BY_UPDATE
         if machine.config is None:
@@ -419,7 +419,9 @@ class Actuator:
             try:
                 await self._see_through(app, machine, target)
             except (errors.FlyApiError, VerificationFailedError, BootFailedError) as exc:
-                return MachineStep(machine.id, "update", Outcome.FAILED, str(exc), machine.region)
+                return MachineStep(
+                    machine.id, "update", Outcome.FAILED, str(exc), machine.region, retryable=_passing(exc)
+                )
             return MachineStep(machine.id, "update", Outcome.SKIPPED, ALREADY_AT_TARGET, machine.region)
 
         async def work(held: HeldLease) -> str:
@@ -558,11 +560,15 @@ def _same_image(ref: ImageRef, image: str) -> bool:
     repository, colon, tag = rest.rpartition(":")
     if not colon or "/" in tag:
         repository, tag = rest, "latest"
+    if digest:
+        repository, tag = rest, ""  # pinned by digest, which Fly did not report: the name is all to compare
     if registry == "docker.io" and "/" not in repository:
         repository = f"library/{repository}"
     ref_repository = ref.repository
     if (ref.registry or "docker.io") == "docker.io" and "/" not in ref_repository:
         ref_repository = f"library/{ref_repository}"
+    if digest:
+        return (ref.registry or "docker.io", ref_repository) == (registry, repository)
     return (ref.registry or "docker.io", ref_repository, ref.tag or "latest") == (registry, repository, tag)
 
 

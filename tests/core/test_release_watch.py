@@ -637,3 +637,144 @@ def test_a_failing_release_on_record_is_no_longer_known_good() -> None:
     assert failing.watched is not None
     assert failing.watched.verdict is F
     assert failing.good is None
+
+
+# ------------------------------------------------------------------ the baseline kept in the record
+
+
+def test_the_stored_baseline_is_replaced_only_by_a_sample_at_least_as_large() -> None:
+    """The watched record's baseline is replaced by a sample with at least as many requests, never a smaller
+    (or empty) one, and it survives the store's JSON between ticks."""
+    first = Traffic(1000.0, 180.0)
+    sequence = [
+        # (the baseline releases.py passes in this tick, the baseline kept afterwards)
+        ({"iad": first}, {"iad": first}),
+        ({"iad": Traffic(500.0, 5.0)}, {"iad": first}),  # smaller: kept
+        ({}, {"iad": first}),  # none this tick (a restart lost the window): kept
+        ({"iad": Traffic(600.0, 6.0), "syd": Traffic(300.0, 3.0)}, {"iad": first}),  # 900 < 1000
+        ({"iad": Traffic(1000.0, 190.0)}, {"iad": Traffic(1000.0, 190.0)}),  # as large: replaced
+        (
+            {"iad": Traffic(800.0, 8.0), "syd": Traffic(400.0, 4.0)},
+            {"iad": Traffic(800.0, 8.0), "syd": Traffic(400.0, 4.0)},
+        ),
+    ]
+    state = rolling_out()
+    for n, (given, kept) in enumerate(sequence, start=1):
+        state = tick(state, fleet(V2), T0 + n, baseline=given).state
+        state = WatchState.from_json(through_json(state.to_json()))
+        assert state.watched is not None
+        assert dict(state.watched.baseline) == kept, n
+
+
+def test_the_kept_baseline_judges_the_release_when_a_smaller_sample_comes() -> None:
+    """A release with the errors its predecessor had is not failed because a later, smaller sample of the
+    predecessor looked better."""
+    state = fed(rolling_out(), iad=ERRORS)  # 20% errors
+    judged = tick(state, fleet(V2), T0 + 10, baseline={"iad": Traffic(1000.0, 180.0)}).state  # 18% before
+    assert judged.watched is not None
+    assert judged.watched.verdict is B
+    later = tick(judged, fleet(V2), T0 + 20, baseline={"iad": Traffic(100.0, 1.0)})  # 1%, but only 100
+    assert later.state.watched is not None
+    assert later.state.watched.verdict is B
+    assert later.state.rollback is None
+
+
+# ------------------------------------------------------------------ alerts once per release
+
+
+@pytest.mark.parametrize("on_failure", ["alert", "rollback"])
+def test_a_failing_alert_goes_out_once_though_the_verdict_flips(on_failure: str) -> None:
+    """FAILING -> BAKING -> FAILING: the second release_failing is written, not alerted (on_failure alert,
+    or rollback with no earlier release on record to roll back to); through the store's JSON each tick."""
+    policy = Policy(LIMITS, on_failure=on_failure)
+    # with rollback, nothing earlier on record: the failure can only be alerted on, so the verdict can flip
+    base = replace(rolling_out(), good=None) if on_failure == "rollback" else rolling_out()
+    crashed = fleet(V2, m1={"crashed": True})
+    states, told = [base], []
+    for n, machines in enumerate([crashed, fleet(V2), crashed], start=1):
+        stored = WatchState.from_json(through_json(states[-1].to_json()))  # the daemon reads it back
+        step = tick(stored, machines, T0 + 10 * n, policy=policy)
+        states.append(step.state)
+        told.append([(e.kind, e.alert) for e in step.events if e.kind != "verdict"])
+        assert kinds(step)[0] == "verdict"
+    assert told[0] == [("release_failing", True)]
+    assert told[1] == []
+    assert told[2] == [("release_failing", False)]
+    verdicts = [s.watched.verdict for s in states[1:] if s.watched is not None]
+    assert verdicts == [F, B, F]
+    assert states[-1].watched is not None
+    assert "release_failing" in states[-1].watched.alerted
+    assert states[-1].rollback is None
+
+
+def test_an_inconclusive_alert_goes_out_once_though_the_verdict_flips() -> None:
+    """INCONCLUSIVE -> FAILING -> INCONCLUSIVE (on_failure alert): each kind alerted once, both written."""
+    policy = Policy(LIMITS, on_failure="alert")
+    state = fed(rolling_out(), iad=LITTLE)
+    told = []
+    for at, machines in [
+        (T0 + 400, fleet(V2)),
+        (T0 + 410, fleet(V2, m1={"crashed": True})),
+        (T0 + 420, fleet(V2)),
+        (T0 + 430, fleet(V2, m1={"crashed": True})),
+    ]:
+        step = tick(state, machines, at, policy=policy)
+        state = step.state
+        told.extend((e.kind, e.alert) for e in step.events if e.kind != "verdict")
+    assert told == [
+        ("release_inconclusive", True),
+        ("release_failing", True),
+        ("release_inconclusive", False),
+        ("release_failing", False),
+    ]
+
+
+def test_the_alerts_of_one_release_do_not_silence_the_next() -> None:
+    """A new release starts with no alert sent: its first failure is alerted."""
+    policy = Policy(LIMITS, on_failure="alert")
+    failing = tick(rolling_out(), fleet(V2, m1={"crashed": True}), T0 + 10, policy=policy).state
+    assert failing.watched is not None
+    assert failing.watched.alerted == ("release_failing",)
+    step = tick(failing, fleet(V3, m1={"crashed": True}), T0 + 20, policy=policy)
+    assert [(e.kind, e.alert) for e in step.events if e.kind == "release_failing"] == [
+        ("release_failing", True)
+    ]
+
+
+# ------------------------------------------------------------------ what a failing release holds
+
+
+@pytest.mark.parametrize(
+    "state",
+    [
+        failed_over(Policy(LIMITS, on_failure="alert")),
+        failed_over(Policy(LIMITS, on_failure="none")),
+        # failing with nothing earlier on record: alerted, no rollback to wait for
+        tick(fed(replace(rolling_out(), good=None), iad=ERRORS), fleet(V2), T0 + 10).state,
+    ],
+    ids=["alert", "none", "no-good-on-record"],
+)
+def test_a_failing_release_without_a_rollback_holds_scale_down_only(state: WatchState) -> None:
+    """A failing release not being rolled back holds scale-down; capacity may still grow (all == "")."""
+    assert state.watched is not None
+    assert state.watched.verdict is F
+    assert state.rollback is None
+    held = hold(state, T0 + 100, LIMITS.bake)
+    assert held.down == f"release v2 is failing: {state.watched.reason}"
+    assert held.all == ""
+
+
+def test_a_failing_release_flipping_back_holds_scale_down_only_again() -> None:
+    """After FAILING -> BAKING -> FAILING with on_failure alert, the hold is scale-down only each time."""
+    policy = Policy(LIMITS, on_failure="alert")
+    state = rolling_out()
+    holds = []
+    for n, machines in enumerate(
+        [fleet(V2, m1={"crashed": True}), fleet(V2), fleet(V2, m1={"crashed": True})]
+    ):
+        state = tick(state, machines, T0 + 10 * (n + 1), policy=policy).state
+        holds.append(hold(state, T0 + 10 * (n + 1), LIMITS.bake))
+    assert [h.all for h in holds] == ["", "", ""]
+    assert holds[0].down.startswith("release v2 is failing: 1 of 3 machine(s) crashed")
+    assert holds[1].down.startswith("release v2 is baking")
+    assert holds[2].down == holds[0].down

@@ -354,3 +354,115 @@ def test_config_from_versions(
 ) -> None:
     """The newest config in a machine's history that ran the release (version and image), or None."""
     assert config_from_versions(versions, release) == expected
+
+
+# ------------------------------------------------------------------ what a rollback leaves alone
+
+
+def incomplete(mid: str, release: ReleaseKey, **changes: Any) -> MachineRelease:
+    """A machine on a host Fly cannot reach: only part of its config is known."""
+    whole = machine(mid, release, **changes)
+    return MachineRelease(
+        whole.id,
+        whole.region,
+        whole.state,
+        whole.config,
+        process_group=whole.process_group,
+        healthy=whole.healthy,
+        crashed=whole.crashed,
+        complete=False,
+    )
+
+
+BARE = MachineRelease("m7", "iad", "started", {"image": "other:1", "metadata": {}})
+
+
+@pytest.mark.parametrize(
+    ("machines", "bad", "updated", "destroyed"),
+    [
+        # bad=V2: a machine of V3 is someone's deploy going forward, never touched
+        ([machine("m1", V2), machine("m2", V3)], V2, ["m1"], []),
+        ([machine("m1", V3), machine("m2", V3)], V2, [], []),
+        # nor a canary of the newer release
+        ([machine("m1", V2), machine("c1", V3, canary=True)], V2, ["m1"], []),
+        ([machine("m1", V2), machine("c1", V2, canary=True)], V2, ["m1"], ["c1"]),
+        # without bad=, every release since the known-good one is reverted
+        ([machine("m1", V2), machine("m2", V3)], None, ["m1", "m2"], []),
+        # bad=V3: the releases in between (V2) are reverted too
+        ([machine("m1", V2), machine("m2", V3)], V3, ["m1", "m2"], []),
+        # machines without release metadata are not ours to judge, whatever bad= says
+        ([machine("m1", V2), BARE], V2, ["m1"], []),
+        ([machine("m1", V2), BARE], None, ["m1"], []),
+    ],
+)
+def test_plan_with_bad_never_targets_newer_releases_or_bare_machines(
+    machines: list[MachineRelease], bad: ReleaseKey | None, updated: list[str], destroyed: list[str]
+) -> None:
+    """With bad= given, machines of a newer release and machines without release metadata are left alone."""
+    good = record(machine("m1", V1), machine("m2", V1), machine("m7", V1))
+    plan = plan_rollback(machines, good, bad)
+    assert sorted(t.machine_id for t in plan.updates) == updated
+    assert list(plan.destroys) == destroyed
+    assert not plan.stuck
+    assert not plan.unreachable
+
+
+@pytest.mark.parametrize("on_record", [True, False])
+def test_plan_leaves_a_machine_on_an_unreachable_host_for_later(on_record: bool) -> None:
+    """complete=False: the machine goes to plan.unreachable, neither updated nor stuck (own config or not)."""
+    good = record(machine("m1", V1), *([machine("m2", V1)] if on_record else []))
+    machines = [machine("m1", V2), incomplete("m2", V2, crashed=True)]
+    plan = plan_rollback(machines, good, V2)
+    assert [t.machine_id for t in plan.updates] == ["m1"]
+    assert plan.unreachable == ("m2",)
+    assert not plan.stuck
+    assert not plan.destroys
+
+
+def test_plan_unreachable_is_only_for_machines_to_revert() -> None:
+    """An unreachable machine already on the good release, or of a newer one, is not in plan.unreachable;
+    an unreachable canary is still destroyed (a destroy sends no config)."""
+    good = record(machine("m1", V1))
+    machines = [
+        incomplete("m1", V1),
+        incomplete("m2", V3),
+        incomplete("c1", V2, canary=True),
+    ]
+    plan = plan_rollback(machines, good, V2)
+    assert plan.unreachable == ()
+    assert plan.destroys == ("c1",)
+    assert not plan.updates
+
+
+@pytest.mark.parametrize(
+    ("machines", "expected"),
+    [
+        # a machine without release metadata does not hold the rollout back
+        ([machine("m1", V2), MachineRelease("m7", "iad", "started", {"image": "other:1"})], True),
+        ([machine("m1", V2), MachineRelease("m7", "iad", "updating", {"image": "other:1"})], True),
+        # nor does one on an unreachable host, whatever its config shows
+        ([machine("m1", V2), incomplete("m2", V1)], True),
+        ([machine("m1", V2), incomplete("m2", V2, state="replacing")], True),
+        # but only machines left out are no rollout
+        ([MachineRelease("m7", "iad", "started", {"image": "other:1"})], False),
+        ([incomplete("m1", V2), incomplete("m2", V2)], False),
+        # the reachable machines with metadata still must all run it
+        ([machine("m1", V2), machine("m3", V1), incomplete("m2", V2)], False),
+    ],
+)
+def test_rolled_out_leaves_out_bare_and_unreachable_machines(
+    machines: list[MachineRelease], expected: bool
+) -> None:
+    """rolled_out ignores machines without release metadata and machines with complete=False."""
+    assert rolled_out(machines, V2) is expected
+
+
+def test_known_good_records_no_partial_config() -> None:
+    """A machine on an unreachable host is never recorded: its config on record (if any) stays."""
+    before = record(machine("m1", V1, env={"AT": "before"}), machine("m2", V1))
+    good = known_good(
+        [incomplete("m1", V1, env={"AT": "partial"}), machine("m2", V1)], V1, T0, "healthy", before
+    )
+    assert good.configs["m1"]["env"] == {"AT": "before"}
+    fresh = known_good([incomplete("m1", V1), machine("m2", V1)], V1, T0, "healthy")
+    assert set(fresh.configs) == {"m2"}

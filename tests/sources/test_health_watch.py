@@ -151,3 +151,27 @@ async def test_own_connectivity_in_doubt(
     judged = watch.judge_all({"shop": health})["shop"]
     assert {r.state for r in judged.regions.values()} == {RegionState.UNKNOWN}
     assert "connectivity is in doubt" in judged.regions["iad"].reason
+
+
+async def test_probe_history_is_per_instance(
+    control: httpx.AsyncClient, fly: MachinesClient, watch: HealthWatch
+) -> None:
+    """An update (a new instance_id) starts the probe history afresh: the old unhealthy verdict is gone."""
+    await make_app(control, base_latency=0.01, regions={"iad": 1})
+    await control.post("/images", json={"image": "registry.fly.io/shop:bad", "mode": "unhealthy"})
+    (machine,) = await fly.list_machines("shop")
+    good = machine.config
+    assert good is not None
+    bad = await fly.update_machine("shop", machine.id, good.copy_with(image="registry.fly.io/shop:bad"))
+    await fly.wait("shop", machine.id, "started", version=bad.instance_id)
+    before = await rounds(watch, fly, 2)
+    assert before.machines[machine.id].verdict is Verdict.UNHEALTHY
+    assert "status 500" in before.machines[machine.id].reason
+
+    back = await fly.update_machine("shop", machine.id, good)
+    assert back.instance_id != bad.instance_id
+    await fly.wait("shop", machine.id, "started", version=back.instance_id)
+    # one passing probe: under hysteresis (healthy_after=2) an old history would still say unhealthy
+    after = (await rounds(watch, fly, 1)).machines[machine.id]
+    assert after.verdict is not Verdict.UNHEALTHY, after.reason
+    assert "recovering" not in after.reason
