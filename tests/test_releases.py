@@ -133,6 +133,18 @@ async def _fleet(control: httpx.AsyncClient, api: httpx.AsyncClient) -> list[dic
     return await _machines(api)
 
 
+async def _adopted(watch: Watch, control: httpx.AsyncClient, api: httpx.AsyncClient) -> list[dict[str, Any]]:
+    """The fleet up, and its release recorded as known-good; its machines as they were then."""
+    machines = await _fleet(control, api)
+    await watch.until(lambda s: s.good is not None)
+    return machines
+
+
+async def _bad_release(control: httpx.AsyncClient, mode: str, **options: Any) -> None:
+    await mark_image(control, BAD, mode=mode)
+    await _deploy(control, BAD, **({"strategy": "immediate"} | options))
+
+
 async def _deploy(control: httpx.AsyncClient, image: str, **options: Any) -> None:
     response = await control.post("/apps/shop/deploy", json={"image": image, **options})
     assert response.status_code == 202, response.text
@@ -143,10 +155,8 @@ async def test_a_release_with_errors_is_rolled_back_to_each_machines_own_config(
 ) -> None:
     """20% errors: failing, rolled back; every machine runs its own known-good config again, exactly."""
     watch = build()
-    before = {m["id"]: m["config"] for m in await _fleet(control, api)}
-    await watch.until(lambda s: s.good is not None and s.good.release.image == GOOD)
-    await mark_image(control, BAD, mode="errors")
-    await _deploy(control, BAD, strategy="immediate")
+    before = {m["id"]: m["config"] for m in await _adopted(watch, control, api)}
+    await _bad_release(control, "errors")
     state = await watch.until(lambda s: s.rollback is not None and not s.rollback.state.active)
     assert state.rollback is not None
     assert state.rollback.state is RollbackState.DONE, state.rollback
@@ -169,8 +179,7 @@ async def test_a_good_release_is_kept_and_becomes_the_known_good(
 ) -> None:
     """A healthy release bakes, is judged healthy, and becomes the record to roll back to."""
     watch = build()
-    await _fleet(control, api)
-    await watch.until(lambda s: s.good is not None)
+    await _adopted(watch, control, api)
     await _deploy(control, "registry.fly.io/shop:v2", strategy="immediate")
     state = await watch.until(lambda s: s.good is not None and s.good.release.version == 2)
     assert state.rollback is None
@@ -185,10 +194,8 @@ async def test_a_crashing_release_is_rolled_back(
 ) -> None:
     """Machines that end `failed` fail the release at once; they are updated back and start again."""
     watch = build()
-    await _fleet(control, api)
-    await watch.until(lambda s: s.good is not None)
-    await mark_image(control, BAD, mode="crash")
-    await _deploy(control, BAD, strategy="immediate")
+    await _adopted(watch, control, api)
+    await _bad_release(control, "crash")
     state = await watch.until(lambda s: s.rollback is not None and not s.rollback.state.active)
     assert state.rollback is not None
     assert state.rollback.state is RollbackState.DONE
@@ -204,10 +211,8 @@ async def test_a_foreign_lease_is_waited_for_then_left_alone_and_reported(
     """A machine someone else holds past lease_wait is not touched; the others are reverted; the report
     names it; once free, it is reverted too."""
     watch = build(lease_wait="1s")
-    await _fleet(control, api)
-    await watch.until(lambda s: s.good is not None)
-    await mark_image(control, BAD, mode="errors")
-    await _deploy(control, BAD, strategy="immediate")
+    await _adopted(watch, control, api)
+    await _bad_release(control, "errors")
     machines = await _machines(api)
     held = min(m["id"] for m in machines)
     response = await api.post(
@@ -235,8 +240,7 @@ async def test_a_rollback_by_hand_goes_back_to_the_previous_known_good(
 ) -> None:
     """`flywatch rollback` of a healthy release: back to the release before it, marked as asked by hand."""
     watch = build()
-    await _fleet(control, api)
-    await watch.until(lambda s: s.good is not None)
+    await _adopted(watch, control, api)
     await _deploy(control, "registry.fly.io/shop:v2", strategy="immediate")
     await watch.until(lambda s: s.good is not None and s.good.release.version == 2)
     await watch.releases.request_rollback("shop", None, "test")
@@ -253,10 +257,8 @@ async def test_a_restart_mid_rollback_resumes_without_touching_a_machine_twice(
     the same store (a restart) finishes it, seeing the machines already updated through; the mutation log
     shows exactly one rollback update per machine."""
     watch = build()
-    machines = await _fleet(control, api)
-    await watch.until(lambda s: s.good is not None)
-    await mark_image(control, BAD, mode="errors")
-    await _deploy(control, BAD, strategy="immediate")
+    machines = await _adopted(watch, control, api)
+    await _bad_release(control, "errors")
 
     async def reverts() -> list[str]:
         counters = (await control.get("/counters")).json()
@@ -302,8 +304,7 @@ async def test_errors_the_previous_release_had_too_do_not_fail_a_release(
     await mark_image(control, GOOD, error_rate=0.1)
     await mark_image(control, "registry.fly.io/shop:v2", error_rate=0.1)
     watch = build()
-    await _fleet(control, api)
-    await watch.until(lambda s: s.good is not None)
+    await _adopted(watch, control, api)
     for _ in range(5):  # the known-good release's own traffic: its baseline
         await watch.tick()
         await _pause()
@@ -328,10 +329,8 @@ async def test_a_failed_canary_left_behind_by_a_deploy_is_destroyed(
     """flyctl's canary of a bad release fails its checks and the deploy stops, leaving it: the release is
     judged failing on it (Fly's checks), the canary is destroyed, and no other machine is touched."""
     watch = build()
-    before = {m["id"]: m["config"] for m in await _fleet(control, api)}
-    await watch.until(lambda s: s.good is not None)
-    await mark_image(control, BAD, mode="unhealthy")
-    await _deploy(control, BAD, strategy="canary", wait_timeout=2)
+    before = {m["id"]: m["config"] for m in await _adopted(watch, control, api)}
+    await _bad_release(control, "unhealthy", strategy="canary", wait_timeout=2)
     state = await watch.until(lambda s: s.rollback is not None and not s.rollback.state.active)
     assert state.rollback is not None
     assert state.rollback.state is RollbackState.DONE, state.rollback
