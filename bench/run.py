@@ -295,11 +295,10 @@ def rollback_section(result: dict[str, Any]) -> str:
         *_paragraph(
             """The rollback is mostly the simulator's transitions (replacing, then starting: 0.2 s per chunk
             whoever sends the updates); flywatch adds its calls per machine (read, lease, update, wait, read
-            for checks, read to verify, release, and a lease look-up of every machine before the first
-            chunk). Detection takes one reconcile tick more than the traffic needs: the tick that first sees
-            the new release does not count its traffic for it; and the reconcile job runs about every 2 s,
-            not 1 s, because it and the probe job each list the app every second against Fly's limit of one
-            list call per second per app."""
+            for checks, read to verify, release, and a lease look-up of every machine, all at once, before
+            the first chunk). Detection waits for `min_requests` of the new release's own traffic, and the
+            reconcile job runs about every 2 s, not 1 s, because it and the probe job each list the app
+            every second against Fly's limit of one list call per second per app."""
         ),
         "",
     ]
