@@ -105,6 +105,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rollback.add_argument("--url", help=url_help)
 
+    demo = commands.add_parser(
+        "demo",
+        help="the whole product in two minutes: a simulated Fly app scaled, failed over and rolled back",
+        description="Start the simulator with the app shop in iad, cdg and nrt, run flywatch on it with "
+        "config/demo.yaml, and play a story: steady state, a load spike in cdg, nrt failing and coming "
+        "back, a bad release rolled back, the load dropping. Exit 0 when all of it happened.",
+    )
+    demo.add_argument("--fast", action="store_true", help="shorter transitions and pauses (tests, CI)")
+    demo.add_argument(
+        "--plain", action="store_true", help="print each step and decision once instead of a live view"
+    )
+
     sim = commands.add_parser(
         "sim",
         help="run the offline simulator of the Fly platform (Machines API, fleet, releases, faults)",
@@ -134,8 +146,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         "explain": _view,
         "releases": _view,
         "rollback": _rollback,
+        "demo": _demo,
     }
     return handlers[args.command](args)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from daemon.demo import run_demo  # noqa: PLC0415 - the simulator only for the commands that need it
+
+    return run_demo(fast=args.fast, out=sys.stdout, live=sys.stdout.isatty() and not args.plain)
 
 
 def _settings(args: argparse.Namespace) -> Settings:

@@ -116,3 +116,30 @@ scrape_configs:
                 process.kill()
                 await process.wait()
         log_file.close()
+
+
+def scrape_fixed_target(server: PrometheusServer, address: str, *, job: str) -> None:
+    """Point `server` at one fixed target (a flywatch daemon's /metrics, say) in place of the fleet.
+
+    It goes through the same file_sd file as `retarget()` (which replaces it again), with the target's
+    `job` label set to `job`, as a scrape job of that name would have it.
+    """
+    groups = [{"targets": [address], "labels": {"job": job}}]
+    tmp = server.targets.with_suffix(".tmp")
+    tmp.write_text(json.dumps(groups))
+    tmp.replace(server.targets)  # atomic: Prometheus never reads half a file
+
+
+async def wait_for_series(server: PrometheusServer, selector: str, timeout: float = 20.0) -> list[dict[str, object]]:
+    """Until an instant query of `selector` answers at least one series; those series."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    async with httpx.AsyncClient(base_url=server.url) as client:
+        while True:
+            body = (await client.get("/api/v1/query", params={"query": selector})).json()
+            result: list[dict[str, object]] = body.get("data", {}).get("result", [])
+            if body.get("status") == "success" and result:
+                return result
+            if loop.time() >= deadline:
+                raise AssertionError(f"Prometheus had no series for {selector} within {timeout}s: {body}")
+            await asyncio.sleep(0.2)
