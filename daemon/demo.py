@@ -135,6 +135,7 @@ class Demo:
         self.sim: SimServer | None = None
         self.daemon: Daemon | None = None
         self.control: httpx.AsyncClient | None = None
+        self.banner = ""
 
     def say(self, text: str) -> None:
         print(text, file=self.out, flush=True)
@@ -167,9 +168,12 @@ class Demo:
             await self.daemon.start()
             assert self.daemon.server is not None  # noqa: S101 - start() serves it
             url = self.daemon.server.url
-            self.say(f"flywatch demo: the simulated Fly API at {self.sim.api_url}")
-            self.say(f"  flywatch serves {url}/metrics, {url}/status, {url}/releases?app=shop")
-            self.say(f"  its log: {workdir / 'flywatch.log'}")
+            self.banner = (
+                f"the simulated Fly API at {self.sim.api_url}\n"
+                f"flywatch serves {url}/metrics, {url}/status, {url}/releases?app=shop\n"
+                f"its log: {workdir / 'flywatch.log'}"
+            )
+            self.say(self.banner)
             viewer = asyncio.ensure_future(self._view())
             await self._play()
         finally:
@@ -229,7 +233,8 @@ class Demo:
                 await asyncio.sleep(1.0)
                 continue
             if self.live:
-                self.out.write("\x1b[H\x1b[2J" + render(world, status, self.current, self._elapsed()) + "\n")
+                view = render(world, status, self.current, self._elapsed())
+                self.out.write(f"\x1b[H\x1b[2J{view}\n\n{self.banner}\n")
                 self.out.flush()
             else:
                 self._print_new_decisions(status)
@@ -253,7 +258,8 @@ class Demo:
         return time.monotonic() - self.started
 
     async def _pause(self, seconds: float) -> None:
-        await asyncio.sleep(seconds / 4 if self.fast else seconds)
+        """Time to look at the view between steps (a story step itself waits for what it waits for)."""
+        await asyncio.sleep(seconds / 8 if self.fast else seconds)
 
     async def _step(
         self, title: str, act: Callable[[], Awaitable[None]], done: Callable[[], Awaitable[str]]
@@ -282,12 +288,12 @@ class Demo:
     async def _play(self) -> None:
         """The story: each step changes the world, then waits for flywatch to have answered it."""
         for title, act, done, pause in (
-            ("steady state", self._nothing, self._steady, 4.0),
-            ("a load spike in cdg (3 machines' worth)", self._spike, self._scaled_up, 3.0),
-            ("nrt fails (its machines unreachable)", self._outage, self._moved, 0.0),
-            ("nrt recovers", self._recover, self._back, 3.0),
-            ("a bad release: 20% of its answers are errors", self._deploy_bad, self._rolled_back, 3.0),
-            ("the load drops", self._drop, self._scaled_down, 0.0),
+            ("steady state", self._nothing, self._steady, 8.0),
+            ("a load spike in cdg (3 machines' worth)", self._spike, self._scaled_up, 6.0),
+            ("nrt fails (its machines unreachable)", self._outage, self._moved, 4.0),
+            ("nrt recovers", self._recover, self._back, 6.0),
+            ("a bad release: 20% of its answers are errors", self._deploy_bad, self._rolled_back, 6.0),
+            ("the load drops", self._drop, self._scaled_down, 2.0),
         ):
             await self._step(title, act, done)
             await self._pause(pause)
