@@ -67,6 +67,8 @@ class Daemon:
             ["result"],
             registry=self.registry,
         )
+        for result in ("ok", "error"):
+            self.reloads.labels(result)  # at 0 from the start, so increase() sees the first reload
         self.loaded: LoadedPolicy | None = None
         self.policy_error = ""
         self.loaded_at: float | None = None

@@ -181,6 +181,7 @@ class ReleaseWatch:
         Errors propagate to the reconciler, which logs and counts them; the state written so far stays, so
         the next tick goes on from there."""
         now = self._clock.now()
+        self._metrics.known(app)
         stored = await self._store.get(self._namespace, app)
         state = WatchState.from_json(stored)
         group = [

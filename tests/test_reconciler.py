@@ -70,7 +70,7 @@ async def test_status_tells_the_outcome_and_counts_follow_the_machines(
     last = daemon.status_json()["shop"]["regions"]["iad"]["last_decision"]
     assert (last["action"], last["outcome"]) == ("scale_up", "done")
     assert "1 of 1 done" in last["result"]
-    stopped = {"app": "shop", "region": "iad", "state": "stopped"}
+    stopped = {"fly_app": "shop", "fly_region": "iad", "state": "stopped"}
     assert registry.get_sample_value("flywatch_machines", stopped) == 1.0  # counted before the action
     await daemon.reconcile("shop", policy)
     assert registry.get_sample_value("flywatch_machines", stopped) == 0.0  # none left in that state

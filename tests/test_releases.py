@@ -167,7 +167,10 @@ async def test_a_release_with_errors_is_rolled_back_to_each_machines_own_config(
     assert "2" in state.bad  # the release rolled back is marked, never returned to
     kinds = [e.record["kind"] for e in await watch.store.read(HISTORY, key="shop", limit=100)]
     assert {"release_failing", "rollback_started", "rollback_finished"} <= set(kinds)
-    assert watch.registry.get_sample_value("flywatch_rollbacks_total", {"app": "shop", "result": "done"}) == 1
+    assert (
+        watch.registry.get_sample_value("flywatch_rollbacks_total", {"fly_app": "shop", "result": "done"})
+        == 1
+    )
     # the watch goes on, and does not roll back again
     for _ in range(5):
         await watch.tick()

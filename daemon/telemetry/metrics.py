@@ -1,4 +1,9 @@
-"""Metric definitions, always on an injected registry (tests build a fresh CollectorRegistry each)."""
+"""Metric definitions, always on an injected registry (tests build a fresh CollectorRegistry each).
+
+The watched app and region are labels `fly_app` and `fly_region`, never `app` and `region`: Fly's managed
+Prometheus sets `app`, `region`, `host` and `instance` on every series it scrapes (to flywatch's own app
+and region), overwriting same-named labels; and `job` is Prometheus's own, so the loop is `tick`.
+"""
 
 from __future__ import annotations
 
@@ -42,26 +47,26 @@ class HealthMetrics:
         self.probe_duration = Histogram(
             "flywatch_probe_duration_seconds",
             "Time to answer a health probe (or to give up on it).",
-            ["app", "region"],
+            ["fly_app", "fly_region"],
             buckets=PROBE_BUCKETS,
             registry=registry,
         )
         self.probes = Counter(
             "flywatch_probes",
             "Health probes by result: ok, failed (a wrong answer) or error (no answer).",
-            ["app", "region", "result"],
+            ["fly_app", "fly_region", "result"],
             registry=registry,
         )
         self.machine_healthy = Gauge(
             "flywatch_machine_healthy",
             "1 when the machine is healthy, 0 when unhealthy; absent while unknown.",
-            ["app", "region", "machine"],
+            ["fly_app", "fly_region", "machine"],
             registry=registry,
         )
         self.region_health = Gauge(
             "flywatch_region_health",
             "1 for the region's current health state (healthy, degraded, down, unknown), 0 for the others.",
-            ["app", "region", "state"],
+            ["fly_app", "fly_region", "state"],
             registry=registry,
         )
 
@@ -73,13 +78,13 @@ class SourceMetrics:
         self.value = Gauge(
             "flywatch_metric_value",
             "The latest value of a policy metric per app and region (absent when missing or stale).",
-            ["app", "region", "metric"],
+            ["fly_app", "fly_region", "metric"],
             registry=registry,
         )
         self.errors = Counter(
             "flywatch_metric_errors",
             "Failed metric reads, by source (promql, scrape, machines).",
-            ["app", "source"],
+            ["fly_app", "source"],
             registry=registry,
         )
 
@@ -90,23 +95,28 @@ ROLLBACK_BUCKETS = (5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0, 
 class ReleaseMetrics:
     """What the release watch exports: the release each app runs, its verdict, and the rollbacks."""
 
+    def known(self, app: str) -> None:
+        """An app's rollback counters at 0 from its first tick (see ReconcilerMetrics.known)."""
+        for result in ROLLBACK_RESULTS:
+            self.rollbacks.labels(app, result)
+
     def __init__(self, registry: CollectorRegistry) -> None:
         self.info = Gauge(
             "flywatch_release_info",
             "1 for the release an app's machines run now (the newest one seen), 0 for the ones before it.",
-            ["app", "version", "image"],
+            ["fly_app", "version", "image"],
             registry=registry,
         )
         self.verdict = Gauge(
             "flywatch_release_verdict",
             "1 for the watched release's verdict (baking, healthy, failing, inconclusive), 0 for the others.",
-            ["app", "version", "verdict"],
+            ["fly_app", "version", "verdict"],
             registry=registry,
         )
         self.rollbacks = Counter(
             "flywatch_rollbacks",
             "Rollbacks by result (done, partial, failed).",
-            ["app", "result"],
+            ["fly_app", "result"],
             registry=registry,
         )
         self.rollback_duration = Histogram(
@@ -118,41 +128,63 @@ class ReleaseMetrics:
 
 
 class ReconcilerMetrics:
+    def known(self, app: str) -> None:
+        """An app's error counters at 0 from its first tick: a counter that appears at its first increment,
+        already at 1, is one increase() and rate() never see."""
+        for tick in TICKS:
+            self.tick_errors.labels(app, tick)
+
     def __init__(self, registry: CollectorRegistry) -> None:
         self.desired = Gauge(
             "flywatch_desired_machines",
             "Machines the policy wants per region.",
-            ["app", "region"],
+            ["fly_app", "fly_region"],
             registry=registry,
         )
         self.machines = Gauge(
             "flywatch_machines",
             "Machines of the process group by region and state.",
-            ["app", "region", "state"],
+            ["fly_app", "fly_region", "state"],
             registry=registry,
         )
         self.actions = Counter(
             "flywatch_scaling_actions",
             "Scaling actions by result (done, skipped, failed, dry_run).",
-            ["app", "region", "action", "result"],
+            ["fly_app", "fly_region", "action", "result"],
             registry=registry,
         )
         self.tick_duration = Histogram(
             "flywatch_tick_duration_seconds",
             "Time one job's tick took.",
-            ["job"],
+            ["tick"],
             registry=registry,
             buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0),
         )
         self.last_tick = Gauge(
             "flywatch_last_tick_timestamp_seconds",
             "When each app's job last finished a tick.",
-            ["app", "job"],
+            ["fly_app", "tick"],
             registry=registry,
         )
         self.tick_errors = Counter(
-            "flywatch_tick_errors", "Ticks that failed, by app and job.", ["app", "job"], registry=registry
+            "flywatch_tick_errors",
+            "Ticks that failed, by app and tick (probe, reconcile).",
+            ["fly_app", "tick"],
+            registry=registry,
         )
+
+
+ALERT_EVENTS = (
+    "release_failing",
+    "release_inconclusive",
+    "rollback_started",
+    "rollback_finished",
+    "rollback_failed",
+    "region_down",
+    "region_recovered",
+)
+ROLLBACK_RESULTS = ("done", "partial", "failed")
+TICKS = ("probe", "reconcile", "release")
 
 
 class AlertMetrics:
@@ -165,3 +197,6 @@ class AlertMetrics:
             ["event", "result"],
             registry=registry,
         )
+        for event in ALERT_EVENTS:  # at 0 from the start, so increase() sees the first one
+            for result in ("sent", "failed", "dropped"):
+                self.deliveries.labels(event, result)

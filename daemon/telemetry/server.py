@@ -23,6 +23,7 @@ import asyncio
 import ipaddress
 import json
 import logging
+import socket
 from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import Any, Self
@@ -64,6 +65,20 @@ def parse_listen(listen: str) -> tuple[str, int]:
     if not (port_text.isascii() and port_text.isdigit()) or not 0 <= int(port_text) <= 65535:
         raise ValueError(f"listen address {listen!r}: the port must be 0..65535")
     return host, int(port_text)
+
+
+def _dual_stack(port: int) -> socket.socket:
+    """A listening socket on every IPv6 and IPv4 address (IPv4 as mapped addresses), on `port`."""
+    sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind(("::", port))
+    except OSError:
+        sock.close()
+        raise
+    sock.setblocking(False)
+    return sock
 
 
 def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
@@ -172,7 +187,13 @@ class TelemetryServer:
         self._used = True
         await self._runner.setup()
         try:
-            site = web.TCPSite(self._runner, self.host, self._requested_port)
+            site: web.BaseSite
+            if self.host == "::":
+                # one socket for both families: asyncio makes "::" IPv6-only, and Fly's metrics scrape and
+                # checks may come over IPv4 as well as over the 6PN
+                site = web.SockSite(self._runner, _dual_stack(self._requested_port))
+            else:
+                site = web.TCPSite(self._runner, self.host, self._requested_port)
             await site.start()
         except BaseException:
             await self._runner.cleanup()

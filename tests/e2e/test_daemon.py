@@ -355,7 +355,7 @@ async def test_dry_run_decides_and_changes_nothing(control: httpx.AsyncClient, f
     assert await started(control) == {"iad": 1, "cdg": 1, "nrt": 1}
     assert re.search(
         r"^flywatch_scaling_actions_total"
-        r'\{action="scale_up",app="shop",region="iad",result="dry_run"\} [2-9]',
+        r'\{action="scale_up",fly_app="shop",fly_region="iad",result="dry_run"\} [2-9]',
         await daemon.metrics(),
         re.MULTILINE,
     )

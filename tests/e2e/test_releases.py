@@ -191,9 +191,11 @@ async def test_a_bad_release_is_rolled_back_by_itself(
     assert failing["version"] == 2
     assert receiver.url not in daemon.log.read_text()
     metrics = await daemon.metrics()
-    assert 'flywatch_rollbacks_total{app="shop",result="done"} 1.0' in metrics
-    assert 'flywatch_release_info{app="shop",image="registry.fly.io/shop:good",version="1"} 1.0' in metrics
-    assert 'flywatch_release_info{app="shop",image="registry.fly.io/shop:bad",version="2"} 0.0' in metrics
+    assert 'flywatch_rollbacks_total{fly_app="shop",result="done"} 1.0' in metrics
+    assert (
+        'flywatch_release_info{fly_app="shop",image="registry.fly.io/shop:good",version="1"} 1.0' in metrics
+    )
+    assert 'flywatch_release_info{fly_app="shop",image="registry.fly.io/shop:bad",version="2"} 0.0' in metrics
 
 
 async def test_a_good_release_is_left_alone(

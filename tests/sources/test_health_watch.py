@@ -67,24 +67,28 @@ async def test_healthy_fleet(
     assert {r.state for r in health.regions.values()} == {RegionState.HEALTHY}
     assert all(v.verdict is Verdict.HEALTHY for v in health.machines.values())
     assert (
-        registry.get_sample_value("flywatch_probes_total", {"app": "shop", "region": "iad", "result": "ok"})
+        registry.get_sample_value(
+            "flywatch_probes_total", {"fly_app": "shop", "fly_region": "iad", "result": "ok"}
+        )
         == 4
     )
     assert (
         registry.get_sample_value(
-            "flywatch_region_health", {"app": "shop", "region": "iad", "state": "healthy"}
+            "flywatch_region_health", {"fly_app": "shop", "fly_region": "iad", "state": "healthy"}
         )
         == 1
     )
     assert (
-        registry.get_sample_value("flywatch_region_health", {"app": "shop", "region": "iad", "state": "down"})
+        registry.get_sample_value(
+            "flywatch_region_health", {"fly_app": "shop", "fly_region": "iad", "state": "down"}
+        )
         == 0
     )
     machine = next(iter(health.machines))
     region = health.machines[machine].region
     assert (
         registry.get_sample_value(
-            "flywatch_machine_healthy", {"app": "shop", "region": region, "machine": machine}
+            "flywatch_machine_healthy", {"fly_app": "shop", "fly_region": region, "machine": machine}
         )
         == 1
     )

@@ -210,7 +210,7 @@ async def test_metric_watch_staleness_and_missing(
         first = await watch.read("shop", machines, ["iad", "cdg", "nrt"], spec)
         assert set(first.values) == {"iad", "cdg"}
         assert first.missing(["iad", "cdg", "nrt"]) == ["nrt"]
-        labels = {"app": "shop", "region": "iad", "metric": "inflight"}
+        labels = {"fly_app": "shop", "fly_region": "iad", "metric": "inflight"}
         assert registry.get_sample_value("flywatch_metric_value", labels) == pytest.approx(
             first.values["iad"]
         )
@@ -230,7 +230,7 @@ async def test_metric_watch_staleness_and_missing(
         assert stale.samples["iad"].age(clock.now()) == pytest.approx(11.0)
         assert registry.get_sample_value("flywatch_metric_value", labels) is None
         errors = registry.get_sample_value(
-            "flywatch_metric_errors_total", {"app": "shop", "source": "scrape"}
+            "flywatch_metric_errors_total", {"fly_app": "shop", "source": "scrape"}
         )
         assert errors is not None
         assert errors >= 2

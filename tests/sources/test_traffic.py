@@ -253,7 +253,7 @@ async def test_unreachable_and_stopped_machines_are_errors_or_absent(
         hung = await reader.read("shop", [remote], TrafficSpec(timeout=0.3))
         assert hung.errors == {remote.id: "timeout after 0.3s"}
         counted = registry.get_sample_value(
-            "flywatch_metric_errors_total", {"app": "shop", "source": "traffic"}
+            "flywatch_metric_errors_total", {"fly_app": "shop", "source": "traffic"}
         )
         assert counted == 4.0
     finally:
@@ -394,7 +394,7 @@ async def test_promql_queries_windows_and_answers() -> None:
         unconfigured = await TrafficReader(clock).read("shop", machines, spec)
         assert "no Prometheus is configured" in unconfigured.errors["promql"]
         counted = registry.get_sample_value(
-            "flywatch_metric_errors_total", {"app": "shop", "source": "traffic"}
+            "flywatch_metric_errors_total", {"fly_app": "shop", "source": "traffic"}
         )
         assert counted == 1.0
     finally:

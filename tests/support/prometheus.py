@@ -130,7 +130,9 @@ def scrape_fixed_target(server: PrometheusServer, address: str, *, job: str) -> 
     tmp.replace(server.targets)  # atomic: Prometheus never reads half a file
 
 
-async def wait_for_series(server: PrometheusServer, selector: str, timeout: float = 20.0) -> list[dict[str, object]]:
+async def wait_for_series(
+    server: PrometheusServer, selector: str, timeout: float = 20.0
+) -> list[dict[str, object]]:
     """Until an instant query of `selector` answers at least one series; those series."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout

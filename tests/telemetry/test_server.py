@@ -591,3 +591,26 @@ async def test_the_rollback_route_takes_only_post(release_http: httpx.AsyncClien
     response = await release_http.get("/releases/shop/rollback")
     assert response.status_code == 405
     assert "POST" in response.headers["allow"]
+
+
+async def test_the_wildcard_address_answers_over_ipv4_and_ipv6() -> None:
+    """[::] listens on both families (asyncio alone makes it IPv6-only): Fly's checks and its metrics
+    scrape may come over either."""
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 on this host")
+
+    async def no_decisions(app: str | None, limit: int) -> list[dict[str, Any]]:
+        return []
+
+    server = TelemetryServer(
+        CollectorRegistry(),
+        "[::]:0",
+        alive=lambda: True,
+        ready=lambda: (True, ""),
+        status=dict,
+        decisions=no_decisions,
+    )
+    async with server, httpx.AsyncClient(timeout=5.0) as client:
+        for host in ("127.0.0.1", "[::1]"):
+            response = await client.get(f"http://{host}:{server.port}/healthz")
+            assert response.status_code == 200, host
