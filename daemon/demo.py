@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
+import shutil
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -39,6 +41,8 @@ from daemon.telemetry.logging import configure_logging
 APP = "shop"
 REGIONS = ("iad", "cdg", "nrt")
 TOKEN = "demo-token"  # noqa: S105 - the simulator's token for this run only, not a secret
+OWNER = "demo@flywatch"  # whose name the simulator writes on the daemon's changes
+DOWN_WINDOW = 8.0  # demo.yaml's scale_down.stabilization
 LATENCY = 0.05  # seconds per answer: in-flight requests = rps x LATENCY, whatever the machine count
 TARGET = 5.0  # in-flight requests per machine the demo policy aims at (daemon/demo.yaml)
 RPS = TARGET / LATENCY  # one machine's worth of load
@@ -136,15 +140,15 @@ class Demo:
         self.daemon: Daemon | None = None
         self.control: httpx.AsyncClient | None = None
         self.banner = ""
+        self._before_outage: dict[str, int] = {}
+        self._dropped_at = 0.0
 
     def say(self, text: str) -> None:
         print(text, file=self.out, flush=True)
 
     async def run(self, workdir: Path) -> int:
         delay = 0.02 if self.fast else 0.1
-        self.sim = SimServer(
-            SimSettings(transition_delay=delay, rate_limits=True, tokens={TOKEN: "demo@flywatch"})
-        )
+        self.sim = SimServer(SimSettings(transition_delay=delay, rate_limits=True, tokens={TOKEN: OWNER}))
         await self.sim.start("127.0.0.1", 0)
         self.control = httpx.AsyncClient(base_url=f"{self.sim.url}/_sim", timeout=10.0)
         viewer: asyncio.Task[None] | None = None
@@ -307,6 +311,7 @@ class Demo:
         await self._set_load({"cdg": 3})
 
     async def _outage(self) -> None:
+        self._before_outage = await self._started()
         await self._post("/faults", {"kind": "region_outage", "region": "nrt"})
 
     async def _recover(self) -> None:
@@ -317,6 +322,7 @@ class Demo:
         await self._post(f"/apps/{APP}/deploy", {"image": BAD, "strategy": "immediate"})
 
     async def _drop(self) -> None:
+        self._dropped_at = time.time()
         await self._set_load(dict.fromkeys(REGIONS, 1))
 
     async def _post(self, path: str, body: dict[str, Any]) -> None:
@@ -342,7 +348,9 @@ class Demo:
         started = await self._started()
         if started["cdg"] < 3:
             return ""
-        return f"cdg 1 -> {started['cdg']} machines; iad {started['iad']}, nrt {started['nrt']}"
+        if started["iad"] != 1 or started["nrt"] != 1:
+            return ""  # only there: the other regions' load did not change
+        return f"cdg 1 -> {started['cdg']} machines, and only there (iad 1, nrt 1)"
 
     async def _moved(self) -> str:
         regions = await self._regions()
@@ -365,7 +373,13 @@ class Demo:
         regions = await self._regions()
         if regions.get("nrt", {}).get("health") != "healthy":
             return ""
-        return "nrt healthy again and serving its own load"
+        started, before = await self._started(), self._before_outage
+        if started["nrt"] < 1 or any(started[code] != before[code] for code in ("iad", "cdg")):
+            return ""  # the capacity it took from the others comes back to them
+        return (
+            f"nrt healthy and serving again; the capacity moved for it is given back "
+            f"(iad {started['iad']}, cdg {started['cdg']}, as before the outage)"
+        )
 
     async def _rolled_back(self) -> str:
         release = (await self._status()).get("releases", {}).get(APP) or {}
@@ -384,18 +398,36 @@ class Demo:
         started = await self._started()
         if any(started[code] != 1 for code in REGIONS):
             return ""
-        return "back to one machine per region, after the stabilization window, a step per cooldown"
+        assert self.control is not None  # noqa: S101
+        response = await self.control.get("/counters", params={"since": self._dropped_at})
+        stops = sorted(
+            m["time"]
+            for m in response.json()["mutations"]
+            if m["action"] in {"stop", "suspend", "destroy"} and m["owner"] == OWNER
+        )
+        if not stops:
+            return ""
+        steps = 1 + sum(1 for a, b in itertools.pairwise(stops) if b - a >= 1.0)
+        return (
+            f"back to one machine per region: {len(stops)} machine(s) taken down in {steps} step(s), "
+            f"the first {stops[0] - self._dropped_at:.1f}s after the drop "
+            f"(stabilization window {DOWN_WINDOW:g}s)"
+        )
 
 
 def run_demo(*, fast: bool, out: IO[str], live: bool) -> int:
     """The demo, start to end; the exit code."""
-    with tempfile.TemporaryDirectory(prefix="flywatch-demo-") as tmp:
-        workdir = Path(tmp)
-        with (workdir / "flywatch.log").open("w", encoding="utf-8") as log:
-            configure_logging("json", stream=log)
-            demo = Demo(fast=fast, out=out, live=live)
-            try:
-                return asyncio.run(demo.run(workdir))
-            except KeyboardInterrupt:
-                print("flywatch demo: interrupted", file=out)
-                return 130
+    workdir = Path(tempfile.mkdtemp(prefix="flywatch-demo-"))
+    code = 130
+    with (workdir / "flywatch.log").open("w", encoding="utf-8") as log:
+        configure_logging("json", stream=log)
+        demo = Demo(fast=fast, out=out, live=live)
+        try:
+            code = asyncio.run(demo.run(workdir))
+        except KeyboardInterrupt:
+            print("flywatch demo: interrupted", file=out)
+    if code == 0:
+        shutil.rmtree(workdir, ignore_errors=True)
+    else:
+        print(f"flywatch demo: its log and state are kept in {workdir}", file=out)
+    return code

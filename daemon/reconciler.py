@@ -189,7 +189,7 @@ class Reconciler:
 
     async def probe(self, app: str, policy: AppPolicy) -> None:
         started = time.perf_counter()
-        self._metrics.known(app)
+        self._metrics.known(app, policy.regions)
         try:
             machines = await self._client.list_machines(app)
             health = await self._health.observe(app, machines, health_spec(policy))

@@ -26,11 +26,14 @@ def test_the_demo_plays_its_whole_story() -> None:
     assert "/status" in out
     summary_text = out[out.index("summary:") :]
     assert "ok   a load spike in cdg" in summary_text
-    assert "cdg 1 -> 3 machines" in summary_text
+    assert "cdg 1 -> 3 machines, and only there" in summary_text
     assert "its demand moved to" in summary_text
     assert "ok   nrt recovers" in summary_text
+    assert "the capacity moved for it is given back" in summary_text
     assert "rolled back to v1" in summary_text
     assert "back to one machine per region" in summary_text
+    window = float(summary_text.split("taken down in")[1].split("the first ")[1].split("s after")[0])
+    assert window >= 7.0  # the first scale-down waited for the stabilization window (8s, ticks of 1s)
     assert "all of it happened, by itself" in summary_text
 
 

@@ -7,6 +7,8 @@ and region), overwriting same-named labels; and `job` is Prometheus's own, so th
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 API_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -128,11 +130,15 @@ class ReleaseMetrics:
 
 
 class ReconcilerMetrics:
-    def known(self, app: str) -> None:
-        """An app's error counters at 0 from its first tick: a counter that appears at its first increment,
+    def known(self, app: str, regions: Iterable[str] = ()) -> None:
+        """An app's counters at 0 from its first tick: a counter that appears at its first increment,
         already at 1, is one increase() and rate() never see."""
         for tick in TICKS:
             self.tick_errors.labels(app, tick)
+        for region in regions:
+            for action in ("scale_up", "scale_down"):
+                for result in ("done", "skipped", "failed", "dry_run"):
+                    self.actions.labels(app, region, action, result)
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.desired = Gauge(

@@ -447,3 +447,19 @@ def test_a_first_rollback_shows_in_increase(observed: Observed) -> None:
     assert answer["status"] == "success", answer
     assert finite(answer), answer
     assert float(answer["data"]["result"][0]["value"][1]) > 0, answer
+
+
+def test_every_legend_names_labels_its_query_keeps() -> None:
+    """A legend's {{label}} is one the query groups by: a renamed label (app -> fly_app) would otherwise
+    render every series with the same empty name."""
+    for panel in panels(dashboard()):
+        for target in panel["targets"]:
+            legend = target.get("legendFormat", "")
+            wanted = set(re.findall(r"\{\{\s*(\w+)\s*\}\}", legend))
+            grouped = re.findall(r"\bby\s*\(([^)]*)\)", target["expr"])
+            if not wanted or not grouped:
+                continue
+            kept = {label.strip() for group in grouped for label in group.split(",")}
+            assert wanted <= kept, (
+                f"{panel['title']}: legend {legend!r} names {wanted - kept}, not kept by the query"
+            )
