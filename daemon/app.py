@@ -168,6 +168,9 @@ class Daemon:
             self._scheduler.every(f"reconcile:{app}", interval, self._job, "reconcile", app)
         for job_id in set(self._scheduler.job_ids()) - wanted:
             self._scheduler.remove(job_id)  # an app (or its scaling) that the new policy no longer has
+            if self.reconciler is not None:
+                # its series go too: a last tick that stays forever would read as a loop that stopped
+                self.reconciler.forget(job_id.partition(":")[2])
         for webhook in self.loaded.policy.alerts.webhooks:
             register_secret(webhook.url.get_secret_value())  # a webhook URL never appears in a log line
         if self.alerter is not None:

@@ -203,6 +203,14 @@ class Reconciler:
         finally:
             self._metrics.tick_duration.labels("probe").observe(time.perf_counter() - started)
 
+    def forget(self, app: str) -> None:
+        """An app the policy no longer has: its status and its gauges' series are removed."""
+        self.status.pop(app, None)
+        self.latest_health.pop(app, None)
+        self._metrics.forget(app)
+        for key in [k for k in self._states_shown if k[0] == app]:
+            del self._states_shown[key]
+
     def _tell_regions(self, app: str, health: AppHealth) -> None:
         """Alert when a region goes down, and when it comes back. Unknown says nothing either way: a region
         that was down, then unknown (our own connectivity in doubt), then healthy has recovered."""

@@ -7,6 +7,7 @@ and region), overwriting same-named labels; and `job` is Prometheus's own, so th
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -139,6 +140,15 @@ class ReconcilerMetrics:
             for action in ("scale_up", "scale_down"):
                 for result in ("done", "skipped", "failed", "dry_run"):
                     self.actions.labels(app, region, action, result)
+
+    def forget(self, app: str) -> None:
+        """Remove every series of `app` from the gauges (what it was is no longer true of anything)."""
+        for gauge in (self.desired, self.machines, self.last_tick):
+            for metric in gauge.collect():
+                for sample in metric.samples:
+                    if sample.labels.get("fly_app") == app:
+                        with contextlib.suppress(KeyError):
+                            gauge.remove(*sample.labels.values())
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.desired = Gauge(
