@@ -24,7 +24,13 @@ RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
     pip install --no-cache-dir --no-index --find-links=/wheels /wheels/flywatch-*.whl \
     && useradd --uid 10001 --user-group --create-home --shell /usr/sbin/nologin flywatch \
     && install --directory --owner=10001 --group=10001 --mode=0750 /data
-# The policy: the example until you ship your own (COPY yours over it, or point FLYWATCH_CONFIG elsewhere).
+# The policy. config/flywatch.yaml is the EXAMPLE: it manages an app named `shop` (the simulator's); do not
+# deploy it as it is. Ship your own policy one of two ways (deploy/README.md, "The policy"):
+#   - in the image: write it to config/flywatch.yaml, or COPY another file here AND let that file into the build
+#     context with a `!path/to/policy.yaml` line in .dockerignore (which lets in config/flywatch.yaml only: any
+#     other source is missing from the build and COPY fails);
+#   - out of the image (webhook URLs are secrets): a Fly secret written to a file by fly.toml's [[files]], with
+#     FLYWATCH_CONFIG pointing at it; the example baked in here is then never read.
 COPY config/flywatch.yaml /etc/flywatch/flywatch.yaml
 ENV FLYWATCH_CONFIG=/etc/flywatch/flywatch.yaml \
     FLYWATCH_STATE_URL=sqlite:////data/flywatch.db \

@@ -267,11 +267,15 @@ def test_fly_toml_env_holds_known_settings_and_no_secret(monkeypatch: pytest.Mon
 
 # --- deploy/deploy.sh -------------------------------------------------------------------------------------
 
-# The fake flyctl: state (machines, releases, how each image behaves) in a JSON file; every call logged.
-# Image modes: healthy; broken (never ready, checks critical: the canary fails); live-fails (ready in the
-# canary, but failing on the real machine with its volume); deploy-fails (flyctl deploy itself fails).
+# The fake flyctl: state (machines, releases, the app's config as Fly has it, how each image behaves) in a
+# JSON file; every call logged. Image modes: healthy; broken (never ready, checks critical: the canary fails);
+# live-fails (ready in the canary, but failing on the real machine with its volume); deploy-fails (flyctl
+# deploy updates the machine, then fails); rejected (flyctl deploy fails before it changes anything: auth,
+# network, config rejected). A deployed fly.toml whose [[mounts]] is not at /data breaks the live machine (its
+# state file is not where FLYWATCH_STATE_URL says). Flags in the state: canary_run_fails (machine run creates
+# the canary, prints its id, then fails), destroy_fails (machine destroy fails).
 FAKE_FLYCTL = r"""
-import json, os, sys
+import json, os, sys, tomllib
 
 state_path, log_path = os.environ["FAKE_FLY_STATE"], os.environ["FAKE_FLY_LOG"]
 with open(state_path) as f:
@@ -308,9 +312,13 @@ def mode(image):
 def is_canary(machine):
     return machine["config"].get("metadata", {}).get("flywatch_canary") == "true"
 
+def mount_ok(machine):
+    return is_canary(machine) or all(m["path"] == "/data" for m in machine["config"].get("mounts", []))
+
 def ready(machine):
     m = mode(machine["config"]["image"])
-    return m == "healthy" or (m in ("live-fails", "deploy-fails") and is_canary(machine))
+    image_ok = m == "healthy" or (m in ("live-fails", "deploy-fails", "rejected") and is_canary(machine))
+    return image_ok and mount_ok(machine)
 
 def view(machine):
     checks = []
@@ -323,14 +331,30 @@ def live():
 
 if argv[:1] == ["releases"]:
     print(json.dumps(state["releases"]))
+elif argv[:2] == ["config", "save"]:  # writes the app's config as Fly has it
+    options, _ = parse(argv[2:], VALUED)
+    with open(options["--config"][0], "w") as f:
+        f.write(state["fly_toml"])
+    print("Wrote config file " + options["--config"][0])
 elif argv[:1] == ["deploy"]:
     options, _ = parse(argv[1:], VALUED | {"--image"})
     if "--build-only" in options:
         print("==> Building image with Depot")
         sys.exit(state.get("build_exit", 0))
     image = options["--image"][0]
+    if mode(image) == "rejected":
+        print("Error: unauthorized", file=sys.stderr)
+        sys.exit(1)
+    with open(options["--config"][0]) as f:
+        fly_toml = f.read()
+    mounts = tomllib.loads(fly_toml).get("mounts", [])
+    mounts = mounts if isinstance(mounts, list) else [mounts]
+    state["fly_toml"] = fly_toml
     for machine in live():
         machine["config"]["image"] = image
+        machine["instance_id"] = "01V%d" % (int(machine["instance_id"][3:]) + 1)
+        for mount, declared in zip(machine["config"].get("mounts", []), mounts):
+            mount["path"] = declared["destination"]
     version = max(r["Version"] for r in state["releases"]) + 1
     failed = mode(image) == "deploy-fails"
     state["releases"].insert(0, {"ID": "r%d" % version, "Version": version, "Stable": not failed,
@@ -346,11 +370,16 @@ elif argv[:2] == ["machine", "run"]:
     options, positional = parse(argv[2:], VALUED)
     metadata = dict(kv.split("=", 1) for kv in options.get("--metadata", []))
     env = dict(kv.split("=", 1) for kv in options.get("--env", []))
-    state["machines"].append({"id": "c4n4ry", "name": options["--name"][0], "state": "started",
-                              "region": options["--region"][0], "private_ip": "fdaa:0:1::3",
+    state["machines"].append({"id": "c4n4ry", "instance_id": "01V1", "name": options["--name"][0],
+                              "state": "started", "region": options["--region"][0],
+                              "private_ip": "fdaa:0:1::3",
                               "config": {"image": positional[0], "metadata": metadata, "env": env}})
     save()
-    print("Success! A Machine has been successfully launched in app flywatch")
+    print("Success! A machine has been successfully launched in app flywatch")
+    print(" Machine ID: c4n4ry")
+    if state.get("canary_run_fails"):
+        print("Error: could not start machine c4n4ry: failed to launch VM", file=sys.stderr)
+        sys.exit(1)
 elif argv[:2] == ["machine", "exec"]:
     _, positional = parse(argv[2:], VALUED)
     machine = next(m for m in state["machines"] if m["id"] == positional[0])
@@ -359,6 +388,9 @@ elif argv[:2] == ["machine", "exec"]:
                       "stderr": "" if ok else "urllib.error.HTTPError: HTTP Error 503: Service Unavailable"}))
 elif argv[:2] == ["machine", "destroy"]:
     _, positional = parse(argv[2:], VALUED)
+    if state.get("destroy_fails"):
+        print("Error: failed to destroy machine: request timed out", file=sys.stderr)
+        sys.exit(1)
     state["machines"] = [m for m in state["machines"] if m["id"] not in positional]
     save()
 else:
@@ -373,6 +405,7 @@ def world(images: dict[str, str] | None = None) -> dict[str, Any]:
         "machines": [
             {
                 "id": "148e",
+                "instance_id": "01V1",
                 "name": "flywatch-live",
                 "state": "started",
                 "region": "iad",
@@ -390,6 +423,7 @@ def world(images: dict[str, str] | None = None) -> dict[str, Any]:
             {"ID": "r1", "Version": 1, "Status": "complete", "ImageRef": f"{REGISTRY}:deployment-00OLD"},
         ],
         "images": images or {},
+        "fly_toml": FLY_TOML.read_text(),  # what `flyctl config save` writes: the config the app runs now
     }
 
 
@@ -494,7 +528,7 @@ def test_good_deploy_builds_once_then_canary_then_rolling(tmp_path: Path) -> Non
 
 @pytest.mark.parametrize("failure", ["live-fails", "deploy-fails"])
 def test_failing_health_check_rolls_back_to_the_previous_image(tmp_path: Path, failure: str) -> None:
-    """Checks failing after the rollout (or flyctl deploy failing): the newest complete release is back."""
+    """Checks failing after the rollout, or flyctl deploy failing after changing the machine: rolled back."""
     deploy = run_deploy(tmp_path, world({NEW: failure}), "--image", NEW)
     assert deploy.returncode == 4, deploy.stderr
     assert deploy.index("deploy", containing=NEW) < deploy.index("deploy", containing=PREVIOUS)
@@ -515,11 +549,94 @@ def test_failing_canary_leaves_production_untouched(tmp_path: Path) -> None:
 
 
 def test_failed_rollback_asks_for_a_person(tmp_path: Path) -> None:
-    """When the previous image fails too, the script stops with exit 5 and says how to stop flywatch."""
+    """When the previous image fails too: exit 5, advising dry run (the watcher stays), not scaling to 0."""
     deploy = run_deploy(tmp_path, world({NEW: "live-fails", PREVIOUS: "live-fails"}), "--image", NEW)
     assert deploy.returncode == 5, deploy.stderr
     assert len(deploy.deploys_of(PREVIOUS)) == 1
-    assert "fly scale count 0" in deploy.stderr
+    assert "fly secrets set -a flywatch FLYWATCH_DRY_RUN=true" in deploy.stderr
+    assert "scale count 0" not in deploy.stderr
+
+
+def test_rollback_uses_the_config_the_app_ran_with(tmp_path: Path) -> None:
+    """A fly.toml change that breaks the release is not rolled back with: the saved running config is."""
+    config = tmp_path / "fly.toml"
+    config.write_text(FLY_TOML.read_text().replace('destination = "/data"', 'destination = "/mnt/data"'))
+    deploy = run_deploy(tmp_path, world(), "-c", str(config), "--image", NEW)
+    assert deploy.returncode == 4, deploy.stderr
+    saved = deploy.calls[deploy.index("config", "save")]
+    assert saved[saved.index("--app") + 1] == "flywatch"
+    assert deploy.index("config", "save") < deploy.index("machine", "run")
+    rolling, rollback = deploy.deploys_of(NEW)[0], deploy.deploys_of(PREVIOUS)[0]
+    assert rolling[rolling.index("--config") + 1] == str(config)
+    assert rollback[rollback.index("--config") + 1] == saved[saved.index("--config") + 1]
+    [machine] = deploy.state["machines"]
+    assert machine["config"]["image"] == PREVIOUS
+    assert machine["config"]["mounts"][0]["path"] == "/data"
+    assert not Path(saved[saved.index("--config") + 1]).exists()  # the saved config is cleaned up
+
+
+def test_deploy_that_changed_nothing_is_not_rolled_back(tmp_path: Path) -> None:
+    """flyctl deploy failing before it touched the machine (auth, network): exit 1, no rollback."""
+    deploy = run_deploy(tmp_path, world({NEW: "rejected"}), "--image", NEW)
+    assert deploy.returncode == 1, deploy.stderr
+    assert len(deploy.deploys_of(NEW)) == 1
+    assert deploy.deploys_of(PREVIOUS) == []
+    assert "deploy failed, nothing changed" in deploy.stderr
+    assert deploy.state["machines"] == world()["machines"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--poll", "0"), "--poll takes a positive number"),
+        (("--poll", "0.0"), "--poll takes a positive number"),
+        (("--poll", "-1"), "--poll takes a positive number"),
+        (("--poll", "soon"), "--poll takes a positive number"),
+        (("--poll", ""), "--poll needs a value"),
+        (("--settle", "0"), "--settle takes a whole number, at least 1"),
+        (("--settle", "1.5"), "--settle takes a whole number, at least 1"),
+        (("--timeout", "5m"), "--timeout takes a whole number"),
+    ],
+)
+def test_bad_waits_are_refused(tmp_path: Path, args: tuple[str, str], message: str) -> None:
+    """--poll must be a positive number, --settle a whole number >= 1: else exit 2 before any flyctl call."""
+    deploy = run_deploy(tmp_path, world(), "--image", NEW, *args)
+    assert deploy.returncode == 2, deploy.stderr
+    assert message in deploy.stderr
+    assert deploy.calls == []
+
+
+def test_canary_that_cannot_be_destroyed_stops_before_the_rollout(tmp_path: Path) -> None:
+    """A ready canary that cannot be destroyed: exit 6, nothing deployed, its id in the message."""
+    state = world()
+    state["destroy_fails"] = True
+    deploy = run_deploy(tmp_path, state, "--image", NEW)
+    assert deploy.returncode == 6, deploy.stderr
+    assert deploy.index("machine", "destroy", containing="c4n4ry") > deploy.index("machine", "run")
+    assert deploy.deploys() == []
+    assert "fly machine destroy -a flywatch --force c4n4ry" in deploy.stderr
+
+
+def test_canary_that_fails_to_start_is_destroyed_by_the_id_flyctl_printed(tmp_path: Path) -> None:
+    """machine run creates the canary, prints its id, then fails: that id is destroyed, exit 3."""
+    state = world()
+    state["canary_run_fails"] = True
+    deploy = run_deploy(tmp_path, state, "--image", NEW)
+    assert deploy.returncode == 3, deploy.stderr
+    assert deploy.index("machine", "run") < deploy.index("machine", "destroy", containing="c4n4ry")
+    assert not any(c[:2] == ["machine", "list"] for c in deploy.calls[deploy.index("machine", "run") :])
+    assert deploy.deploys() == []
+    assert deploy.state["machines"] == world()["machines"]
+
+
+def test_preflight_refuses_a_stopped_machine(tmp_path: Path) -> None:
+    """The flywatch machine stopped (a rolling update would time out on it): exit 2, nothing changed."""
+    state = world()
+    state["machines"][0]["state"] = "stopped"
+    deploy = run_deploy(tmp_path, state, "--image", NEW)
+    assert deploy.returncode == 2, deploy.stderr
+    assert "148e is stopped, not started" in deploy.stderr
+    assert deploy.changes() == []
 
 
 def test_missing_flyctl_is_a_clear_error(tmp_path: Path) -> None:
