@@ -41,19 +41,11 @@ import httpx
 
 from daemon.clock import Clock
 from daemon.telemetry.logging import REDACTED
-from daemon.telemetry.metrics import AlertMetrics
+from daemon.telemetry.metrics import ALERT_EVENTS, AlertMetrics
 
 log = logging.getLogger("flywatch.alerts")
 
-EVENTS: Final = (
-    "release_failing",
-    "release_inconclusive",
-    "rollback_started",
-    "rollback_finished",
-    "rollback_failed",
-    "region_down",
-    "region_recovered",
-)
+EVENTS: Final = ALERT_EVENTS  # the events flywatch alerts on (defined with their counters)
 SOURCE: Final = "flywatch"
 JITTER: Final = 0.5  # share of each backoff taken off at random, so receivers are not hit in lockstep
 SLACK_MAX_FIELDS: Final = 10  # Slack refuses a section block with more fields
