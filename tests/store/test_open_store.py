@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from daemon.store import DEFAULT_URL, SQLiteStore, StoreError, open_store
+from daemon.store import DEFAULT_URL, PostgresStore, SQLiteStore, StoreError, open_store
+from tests.store.conftest import new_postgres_schema, postgres_schema_url
 
 
 async def test_a_relative_url_opens_under_the_working_directory_creating_directories(
@@ -71,12 +72,28 @@ def test_a_url_that_is_not_a_store_is_refused_with_the_forms_that_work(url: str)
     assert repr(url) in str(error.value)
 
 
-@pytest.mark.parametrize("url", ["postgresql://db.internal/flywatch", "postgres://db.internal/flywatch"])
-def test_postgresql_is_announced_not_yet_supported(url: str) -> None:
-    """A PostgreSQL URL says that support is coming, and names the URL."""
-    with pytest.raises(StoreError, match="PostgreSQL support arrives with") as error:
-        open_store(url)
-    assert "db.internal/flywatch" in str(error.value)
+@pytest.mark.parametrize("scheme", ["postgresql", "postgres", "postgresql+psycopg"])
+async def test_a_postgresql_url_opens_a_postgresql_store(scheme: str) -> None:
+    """postgresql://, postgres:// and the SQLAlchemy form postgresql+driver:// all open a PostgresStore."""
+    schema, drop = new_postgres_schema()
+    try:
+        url = postgres_schema_url(schema).replace("postgresql://", f"{scheme}://", 1)
+        store = open_store(url)
+        try:
+            assert isinstance(store, PostgresStore)
+            await store.put("state", "k", {"n": 1})
+            assert await store.get("state", "k") == {"n": 1}
+        finally:
+            await store.close()
+    finally:
+        drop()
+
+
+def test_an_unreachable_postgresql_server_is_a_store_error_naming_it() -> None:
+    """A PostgreSQL URL whose host does not resolve fails at open, naming the URL."""
+    with pytest.raises(StoreError, match="cannot open") as error:
+        open_store("postgresql://db.invalid/flywatch?connect_timeout=2")
+    assert "db.invalid/flywatch" in str(error.value)
 
 
 @pytest.mark.parametrize(

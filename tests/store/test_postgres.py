@@ -1,0 +1,186 @@
+"""What is PostgreSQL's own, beyond the shared contract (test_contract.py): connection failures, the schema
+made at open (idempotently, also by instances starting at once), and stores sharing one database."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+
+from daemon.store import PostgresStore, StoreError, open_store
+from daemon.store.postgres import SCHEMA_VERSION
+from tests.store.conftest import new_postgres_schema, postgres_schema_url, require_postgres
+
+
+@pytest.fixture
+def url() -> Iterator[str]:
+    """The URL of a fresh, empty schema in the test database, dropped afterwards."""
+    schema, drop = new_postgres_schema()
+    yield postgres_schema_url(schema)
+    drop()
+
+
+def _rows(url: str, sql: str) -> list[tuple[object, ...]]:
+    with psycopg.connect(url) as connection:
+        return connection.execute(sql).fetchall()
+
+
+@pytest.mark.parametrize(
+    ("bad_url", "named", "says"),
+    [
+        (
+            "postgresql://postgres:s3cr3t-pw@127.0.0.1:1/flywatch_test",
+            "127.0.0.1:1/flywatch_test",
+            "refused",
+        ),
+        (
+            "postgresql://postgres:s3cr3t-pw@db.invalid/flywatch_test?connect_timeout=2",
+            "db.invalid/flywatch_test",
+            "db.invalid",
+        ),
+        (
+            "postgresql://postgres:s3cr3t-pw@127.0.0.1:5432/flywatch_no_such_database",
+            "flywatch_no_such_database",
+            "does not exist",
+        ),
+        (
+            "postgresql://127.0.0.1:5432/flywatch_test?user=postgres&password=s3cr3t-pw&sslmode=bogus",
+            "password=***",
+            "sslmode",
+        ),
+        ("postgres://u:s3cr3t/pw#with@signs@127.0.0.1:1/state", "u:***@127.0.0.1:1/state", "cannot open"),
+    ],
+)
+def test_a_server_or_database_that_cannot_be_used_is_a_store_error_naming_it(
+    bad_url: str, named: str, says: str
+) -> None:
+    """A bad host, port, database or option fails at open: a StoreError naming the URL and the cause, with
+    the password masked, and no driver exception chained to it (whose text could hold more)."""
+    if "127.0.0.1:5432" in bad_url:
+        require_postgres()  # the server itself must be up for these
+    with pytest.raises(StoreError, match="cannot open") as error:
+        open_store(bad_url)
+    message = str(error.value)
+    assert named in message
+    assert says in message
+    assert "s3cr3t" not in message
+    assert "s3cr3t" not in repr(error.value)
+    assert error.value.__cause__ is None
+
+
+async def test_writes_are_seen_by_a_new_connection(url: str) -> None:
+    """What a store wrote is in the database for any other connection, with the store still open."""
+    store = open_store(url)
+    try:
+        await store.put("cooldowns", "shop/iad", {"until": 60.0, "order": {"b": 1, "a": 2}})
+        entry_id = await store.append("decisions", {"action": "scale_up"}, at=5.0, key="shop")
+        documents = _rows(url, "SELECT namespace, key, value FROM flywatch_documents")
+        entries = _rows(url, "SELECT id, stream, at, key, record FROM flywatch_streams")
+    finally:
+        await store.close()
+    assert documents == [("cooldowns", "shop/iad", '{"until":60.0,"order":{"b":1,"a":2}}')]
+    assert entries == [(entry_id, "decisions", 5.0, "shop", '{"action":"scale_up"}')]
+
+
+async def test_the_schema_is_made_once_however_often_and_concurrently_it_is_opened(url: str) -> None:
+    """Opening again, or from several threads at once, keeps the data and records the version once."""
+    first = open_store(url)
+    await first.put("state", "k", {"n": 1})
+    await first.close()
+
+    stores: list[object] = []
+    errors: list[BaseException] = []
+
+    def opener() -> None:
+        try:
+            stores.append(PostgresStore.open(url))
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=opener) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert errors == []
+    assert len(stores) == 6
+    for store in stores:
+        assert isinstance(store, PostgresStore)
+        assert await store.get("state", "k") == {"n": 1}
+        await store.close()
+    assert _rows(url, "SELECT version FROM flywatch_schema_version") == [(SCHEMA_VERSION,)]
+
+
+async def test_two_stores_on_one_database_see_each_others_writes(url: str) -> None:
+    """Two stores (two instances) on one database share documents and streams, and ids stay unique."""
+    one, two = open_store(url), open_store(url)
+    try:
+        await one.put("cooldowns", "shop", {"by": "one"})
+        assert await two.get("cooldowns", "shop") == {"by": "one"}
+        await two.put("cooldowns", "shop", {"by": "two"})
+        assert await one.get("cooldowns", "shop") == {"by": "two"}
+        ids = await asyncio.gather(
+            *(store.append("decisions", {"n": n}, at=float(n)) for n in range(10) for store in (one, two))
+        )
+        assert len(set(ids)) == 20
+        assert sorted(e.id for e in await one.read("decisions")) == sorted(ids)
+        await two.delete("cooldowns", "shop")
+        assert await one.get("cooldowns", "shop") is None
+    finally:
+        await one.close()
+        await two.close()
+
+
+async def test_schemas_keep_two_states_apart_in_one_database(url: str) -> None:
+    """Two search_paths in one database are two separate stores."""
+    other_schema, drop = new_postgres_schema()
+    one, two = open_store(url), open_store(postgres_schema_url(other_schema))
+    try:
+        await one.put("state", "k", {"n": 1})
+        assert await two.get("state", "k") is None
+    finally:
+        await one.close()
+        await two.close()
+        drop()
+
+
+async def test_a_schema_newer_than_this_flywatch_is_refused(url: str) -> None:
+    """A database migrated by a newer flywatch is refused at open rather than misread."""
+    await open_store(url).close()  # makes the schema
+    with psycopg.connect(url, autocommit=True) as connection:
+        connection.execute(
+            "INSERT INTO flywatch_schema_version VALUES (%s, 0)",
+            (SCHEMA_VERSION + 1,),
+        )
+    with pytest.raises(StoreError, match="newer than this flywatch"):
+        open_store(url)
+
+
+async def test_a_corrupt_row_is_a_store_error_naming_it(url: str) -> None:
+    """A row that is not a JSON object (written by hand, say) is a StoreError naming the document."""
+    store = open_store(url)
+    try:
+        with psycopg.connect(url, autocommit=True) as connection:
+            connection.execute("INSERT INTO flywatch_documents VALUES ('state', 'k', '[1, 2')")
+        with pytest.raises(StoreError, match=r"state\['k'\] holds corrupt JSON"):
+            await store.get("state", "k")
+    finally:
+        await store.close()
+
+
+@pytest.mark.parametrize("key", ["with\x00nul", "lone \ud800 surrogate"])
+async def test_a_key_postgresql_cannot_hold_is_a_store_error(url: str, key: str) -> None:
+    """PostgreSQL text holds no NUL and no lone surrogate: such a key is a StoreError; the store works on."""
+    store = open_store(url)
+    try:
+        with pytest.raises(StoreError, match=r"put state\["):
+            await store.put("state", key, {"n": 1})
+        with pytest.raises(StoreError, match="get state"):
+            await store.get("state", key)
+        await store.put("state", "fine", {"n": 1})
+        assert await store.get("state", "fine") == {"n": 1}
+    finally:
+        await store.close()
