@@ -5,26 +5,18 @@ transaction, committed before the call returns; WAL mode with synchronous=FULL s
 commit, so a write that returned is on disk, and a write cut short is rolled back on the next open.
 WAL also lets another process (`flywatch status`) read while the daemon writes.
 
-One connection serves all calls. SQLite work runs in a worker thread (asyncio.to_thread) so the event loop
-never waits on the disk; an asyncio lock queues callers without tying up a thread each, and a thread lock
-keeps the connection to one statement at a time even when a cancelled caller's statement is still running.
-A cancelled write may still land: the caller cannot know, as with any store across a crash.
+One connection serves all calls, each in a worker thread so the event loop never waits on the disk: the
+operations themselves are sql.py's, shared with the PostgreSQL backend.
 """
 
 from __future__ import annotations
 
-import asyncio
-import math
 import sqlite3
-import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
 
-from daemon.store.base import Entry, StoreError, decode, encode, redact_url
-
-_T = TypeVar("_T")
+from daemon.store.base import StoreError, redact_url
+from daemon.store.sql import SqlStore
 
 _URL_PREFIX = "sqlite:///"
 MEMORY = ":memory:"
@@ -71,14 +63,14 @@ def sqlite_path(url: str) -> str:
     return path
 
 
-class SQLiteStore:
+class SQLiteStore(SqlStore):
     """The `Store` on SQLite. Make one with `SQLiteStore.open(path)` (or `open_store(url)`)."""
 
-    def __init__(self, connection: sqlite3.Connection, name: str) -> None:
-        self._connection: sqlite3.Connection | None = connection
-        self._name = name
-        self._queue = asyncio.Lock()
-        self._statement = threading.Lock()
+    DOCUMENTS = "documents"
+    ENTRIES = "entries"
+    P = "?"
+    # OverflowError: an integer beyond SQLite's 64 bits; UnicodeError: a lone surrogate in a name
+    ERRORS = (sqlite3.Error, OverflowError, UnicodeError)
 
     @classmethod
     def open(cls, path: str) -> SQLiteStore:
@@ -116,145 +108,13 @@ class SQLiteStore:
             raise
         return cls(connection, name)
 
-    def __repr__(self) -> str:
-        return f"<{self._name}>"
-
-    async def get(self, namespace: str, key: str) -> dict[str, Any] | None:
-        where = _document(namespace, key)
-
-        def work(connection: sqlite3.Connection) -> dict[str, Any] | None:
-            row = connection.execute(
-                "SELECT value FROM documents WHERE namespace = ? AND key = ?", (namespace, key)
-            ).fetchone()
-            return None if row is None else decode(row[0], self._name, where)
-
-        return await self._run(f"get {where}", work)
-
-    async def put(self, namespace: str, key: str, value: dict[str, Any]) -> None:
-        what = f"put {_document(namespace, key)}"
-        text = encode(value, store=self._name, what=what)
-
-        def work(connection: sqlite3.Connection) -> None:
-            connection.execute(
-                "INSERT INTO documents (namespace, key, value) VALUES (?, ?, ?)"
-                " ON CONFLICT (namespace, key) DO UPDATE SET value = excluded.value",
-                (namespace, key, text),
-            )
-
-        await self._run(what, work)
-
-    async def delete(self, namespace: str, key: str) -> None:
-        def work(connection: sqlite3.Connection) -> None:
-            connection.execute("DELETE FROM documents WHERE namespace = ? AND key = ?", (namespace, key))
-
-        await self._run(f"delete {_document(namespace, key)}", work)
-
-    async def scan(self, namespace: str, prefix: str = "") -> dict[str, dict[str, Any]]:
-        def work(connection: sqlite3.Connection) -> dict[str, dict[str, Any]]:
-            # Keys compare as UTF-8 bytes, which is code point order: the keys that start with `prefix`
-            # are the run that begins at the first key >= prefix. Exact for any string, NULs included,
-            # where LIKE would need escaping and substr/length stop at a NUL.
-            rows = connection.execute(
-                "SELECT key, value FROM documents WHERE namespace = ? AND key >= ? ORDER BY key",
-                (namespace, prefix),
-            )
-            found: dict[str, dict[str, Any]] = {}
-            for key, text in rows:
-                if not key.startswith(prefix):
-                    break
-                found[key] = decode(text, self._name, _document(namespace, key))
-            return found
-
-        return await self._run(f"scan {namespace} for {prefix!r}", work)
-
-    async def append(self, stream: str, record: dict[str, Any], *, at: float, key: str = "") -> int:
-        what = f"append to {stream}"
-        if not math.isfinite(at):
-            raise StoreError(f"{self._name}: {what}: `at` must be a finite time, not {at!r}")
-        text = encode(record, store=self._name, what=what)
-
-        def work(connection: sqlite3.Connection) -> int:
-            cursor = connection.execute(
-                "INSERT INTO entries (stream, at, key, record) VALUES (?, ?, ?, ?)", (stream, at, key, text)
-            )
-            if cursor.lastrowid is None:  # pragma: no cover - an INSERT into a rowid table always sets it
-                raise StoreError(f"{self._name}: {what}: SQLite gave no id")
-            return cursor.lastrowid
-
-        return await self._run(what, work)
-
-    async def read(
-        self, stream: str, *, key: str | None = None, limit: int = 100, before: int | None = None
-    ) -> list[Entry]:
-        what = f"read {stream}"
-        if limit < 0:
-            raise StoreError(f"{self._name}: {what}: limit must be 0 or more, not {limit}")
-        sql = "SELECT id, at, key, record FROM entries WHERE stream = ?"
-        parameters: list[object] = [stream]
-        if key is not None:
-            sql += " AND key = ?"
-            parameters.append(key)
-        if before is not None:
-            sql += " AND id < ?"
-            parameters.append(before)
-        sql += " ORDER BY id DESC LIMIT ?"
-        parameters.append(limit)
-
-        def work(connection: sqlite3.Connection) -> list[Entry]:
-            return [
-                Entry(id=id_, at=at, key=entry_key, record=decode(text, self._name, f"{stream} entry {id_}"))
-                for id_, at, entry_key, text in connection.execute(sql, parameters)
-            ]
-
-        return await self._run(what, work)
-
-    async def trim(self, stream: str, keep: int) -> int:
-        what = f"trim {stream}"
-        if keep < 0:
-            raise StoreError(f"{self._name}: {what}: keep must be 0 or more, not {keep}")
-
-        def work(connection: sqlite3.Connection) -> int:
-            # Everything up to the newest entry that goes: the one just past the `keep` newest.
-            cursor = connection.execute(
-                "DELETE FROM entries WHERE stream = ?1 AND id <= ("
-                " SELECT id FROM entries WHERE stream = ?1 ORDER BY id DESC LIMIT 1 OFFSET ?2)",
-                (stream, keep),
-            )
-            return cursor.rowcount
-
-        return await self._run(what, work)
-
-    async def close(self) -> None:
-        async with self._queue:
-            await asyncio.to_thread(self._close)
-
-    def _close(self) -> None:
-        with self._statement:
-            connection, self._connection = self._connection, None
-            if connection is None:
-                return
-            try:
-                connection.close()
-            except sqlite3.Error as exc:
-                raise StoreError(f"{self._name}: close failed: {exc}") from None
-
-    async def _run(self, what: str, work: Callable[[sqlite3.Connection], _T]) -> _T:
-        async with self._queue:
-            return await asyncio.to_thread(self._call, what, work)
-
-    def _call(self, what: str, work: Callable[[sqlite3.Connection], _T]) -> _T:
-        with self._statement:
-            if self._connection is None:
-                raise StoreError(f"{self._name}: {what}: the store is closed")
-            try:
-                return work(self._connection)
-            except (sqlite3.Error, OverflowError, UnicodeError) as exc:
-                # OverflowError: an integer beyond SQLite's 64 bits; UnicodeError: a lone surrogate in a name.
-                raise StoreError(f"{self._name}: {what} failed: {exc}") from None
-
-
-def _document(namespace: str, key: str) -> str:
-    return f"{namespace}[{key!r}]"
+    def _insert(self, connection: sqlite3.Connection, stream: str, at: float, key: str, text: str) -> int:
+        cursor = connection.execute(
+            "INSERT INTO entries (stream, at, key, record) VALUES (?, ?, ?, ?)", (stream, at, key, text)
+        )
+        if cursor.lastrowid is None:  # pragma: no cover - an INSERT into a rowid table always sets it
+            raise StoreError(f"{self._name}: append to {stream}: SQLite gave no id")
+        return cursor.lastrowid
 
 
 def _prepare(connection: sqlite3.Connection, name: str, *, durable: bool) -> None:
