@@ -37,7 +37,10 @@ def release_policy(webhook: str, **release: Any) -> dict[str, Any]:
                 "health": {
                     "interval": "1s",
                     "timeout": "800ms",
-                    "unhealthy_after": 1,
+                    # two in a row: the simulator's "errors" image fails every fifth health probe too, and
+                    # one such blip must not pass for an unhealthy release (the no-traffic case would
+                    # then be judged on health, not found inconclusive)
+                    "unhealthy_after": 2,
                     "healthy_after": 1,
                 },
                 "release": {
