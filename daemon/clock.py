@@ -24,6 +24,11 @@ class Clock(Protocol):
         """Seconds since the Unix epoch."""
         ...
 
+    def monotonic(self) -> float:
+        """Seconds from an arbitrary start that never go back nor jump with the wall clock: for deadlines
+        that must hold however the system's time is set (how long a lease is ours)."""
+        ...
+
     def call_later(self, delay: float, callback: Callable[[], None]) -> Timer:
         """Run `callback` once, `delay` seconds from now, in the event loop."""
         ...
@@ -36,6 +41,9 @@ class SystemClock:
 
     def now(self) -> float:
         return time.time()
+
+    def monotonic(self) -> float:
+        return time.monotonic()
 
     def call_later(self, delay: float, callback: Callable[[], None]) -> Timer:
         return asyncio.get_running_loop().call_later(max(delay, 0.0), callback)
@@ -66,6 +74,9 @@ class ManualClock:
 
     def now(self) -> float:
         return self._now
+
+    def monotonic(self) -> float:
+        return self._now  # only ever moved forward, by advance()
 
     def call_later(self, delay: float, callback: Callable[[], None]) -> Timer:
         timer = _ManualTimer(self._now + max(delay, 0.0), callback)

@@ -22,6 +22,23 @@ class StoreError(Exception):
     """The store could not do what was asked: bad URL, unreadable file, corrupt data, full disk, bad value."""
 
 
+class FencedOut(StoreError):
+    """A fenced write refused: the instance no longer holds the app's lease with that epoch (it expired, or
+    another instance took the app over). Nothing was written."""
+
+
+@dataclass(frozen=True)
+class Fence:
+    """A write's proof of ownership: `owner` holds `app`'s lease at `epoch`. A store given a fence writes only
+    if that lease is still held at that epoch and unexpired, by the database's clock, in the same transaction
+    as the write; otherwise it raises FencedOut. An instance that lost an app can therefore never overwrite
+    what its successor wrote, however late its write arrives."""
+
+    app: str
+    owner: str
+    epoch: int
+
+
 @dataclass(frozen=True)
 class Entry:
     """One record of a stream. `id` increases with every append, across restarts."""
@@ -37,20 +54,26 @@ class Store(Protocol):
         """The document at (namespace, key), or None."""
         ...
 
-    async def put(self, namespace: str, key: str, value: dict[str, Any]) -> None:
-        """Write the document at (namespace, key), replacing any there. Durable once it returns."""
+    async def put(
+        self, namespace: str, key: str, value: dict[str, Any], *, fence: Fence | None = None
+    ) -> None:
+        """Write the document at (namespace, key), replacing any there. Durable once it returns. With a
+        fence, only while the fence holds (else FencedOut)."""
         ...
 
-    async def delete(self, namespace: str, key: str) -> None:
-        """Remove the document at (namespace, key); absent is fine."""
+    async def delete(self, namespace: str, key: str, *, fence: Fence | None = None) -> None:
+        """Remove the document at (namespace, key); absent is fine. With a fence, only while it holds."""
         ...
 
     async def scan(self, namespace: str, prefix: str = "") -> dict[str, dict[str, Any]]:
         """Every document of the namespace whose key starts with `prefix`, by key."""
         ...
 
-    async def append(self, stream: str, record: dict[str, Any], *, at: float, key: str = "") -> int:
-        """Add a record to the stream; returns its id, greater than every id given before."""
+    async def append(
+        self, stream: str, record: dict[str, Any], *, at: float, key: str = "", fence: Fence | None = None
+    ) -> int:
+        """Add a record to the stream; returns its id, greater than every id given before. With a fence,
+        only while it holds."""
         ...
 
     async def read(

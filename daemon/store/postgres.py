@@ -19,13 +19,17 @@ one database can hold several flywatch states (`?options=-csearch_path%3Dname`).
 from __future__ import annotations
 
 import time
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
 from urllib.parse import unquote
 
 import psycopg
 
-from daemon.store.base import StoreError, redact_url
-from daemon.store.sql import SqlStore
+from daemon.store.base import Fence, StoreError, redact_url
+from daemon.store.sql import SqlConnection, SqlStore
+
+_T = TypeVar("_T")
 
 _CONNECT_TIMEOUT = 10  # seconds, unless the URL sets connect_timeout
 _SCHEMA_LOCK = 0x666C7977  # "flyw": the advisory lock held while the schema is checked and migrated
@@ -52,6 +56,26 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE INDEX flywatch_streams_by_stream ON flywatch_streams (stream, id)",
         "CREATE INDEX flywatch_streams_by_stream_key ON flywatch_streams (stream, key, id)",
     ),
+    (
+        # The instances sharing this database (cluster.py): each renews its row; one past expires_at is gone.
+        """CREATE TABLE flywatch_members (
+            member TEXT COLLATE "C" PRIMARY KEY,
+            region TEXT NOT NULL,
+            started_at DOUBLE PRECISION NOT NULL,
+            expires_at TIMESTAMPTZ NOT NULL
+        )""",
+        # Who may act on each app: `owner` until `expires_at` (the database's clock), at `epoch`, which goes
+        # up with every change of hands and is checked by every fenced write. Rows are never deleted, so an
+        # epoch is never given twice for one app.
+        """CREATE TABLE flywatch_leases (
+            app TEXT COLLATE "C" PRIMARY KEY,
+            owner TEXT COLLATE "C",
+            epoch BIGINT NOT NULL,
+            acquired_at TIMESTAMPTZ NOT NULL,
+            expires_at TIMESTAMPTZ NOT NULL
+        )""",
+        "CREATE INDEX flywatch_leases_by_owner ON flywatch_leases (owner)",
+    ),
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
 
@@ -68,12 +92,9 @@ def postgres_conninfo(url: str) -> str:
     return f"{base}://{rest}"
 
 
-class PostgresStore(SqlStore):
-    """The `Store` on PostgreSQL. Make one with `PostgresStore.open(url)` (or `open_store(url)`)."""
+class _PostgresConnection(SqlConnection):
+    """A connection to PostgreSQL: psycopg's errors, and the URL's password cut out of its messages."""
 
-    DOCUMENTS = "flywatch_documents"
-    ENTRIES = "flywatch_streams"
-    P = "%s"
     # DataError: a NUL in a name, an integer beyond 64 bits; UnicodeError: a lone surrogate in a name;
     # ValueError: psycopg refusing a NUL in a parameter
     ERRORS = (psycopg.Error, OverflowError, UnicodeError, ValueError)
@@ -82,6 +103,36 @@ class PostgresStore(SqlStore):
         super().__init__(connection, name)
         self._secrets = secrets
 
+    def _scrub(self, message: str) -> str:
+        return _scrub(message, self._secrets)  # libpq quotes parts of a URL it cannot parse
+
+
+def _connect(url: str, name: str) -> tuple[psycopg.Connection[Any], tuple[str, ...]]:
+    """An autocommit connection to `url` with the schema in place, and the URL's secrets; StoreError."""
+    secrets = _secrets(url)
+    conninfo = postgres_conninfo(url)
+    connection: psycopg.Connection[Any] | None = None
+    try:
+        connection = psycopg.connect(conninfo, autocommit=True, **_connect_defaults(conninfo))
+        _prepare(connection, name)
+    except psycopg.Error as exc:
+        if connection is not None:
+            connection.close()
+        raise StoreError(f"{name}: cannot open: {_scrub(str(exc), secrets)}") from None
+    except StoreError:
+        if connection is not None:
+            connection.close()
+        raise
+    return connection, secrets
+
+
+class PostgresStore(SqlStore, _PostgresConnection):
+    """The `Store` on PostgreSQL. Make one with `PostgresStore.open(url)` (or `open_store(url)`)."""
+
+    DOCUMENTS = "flywatch_documents"
+    ENTRIES = "flywatch_streams"
+    P = "%s"
+
     @classmethod
     def open(cls, url: str) -> PostgresStore:
         """Connect to the database at `url` and create (or migrate) its tables.
@@ -89,24 +140,21 @@ class PostgresStore(SqlStore):
         Blocking: meant for startup, before the event loop has work to do.
         """
         name = f"PostgreSQL store {redact_url(url)}"
-        secrets = _secrets(url)
-        conninfo = postgres_conninfo(url)
-        connection: psycopg.Connection[Any] | None = None
-        try:
-            connection = psycopg.connect(conninfo, autocommit=True, **_connect_defaults(conninfo))
-            _prepare(connection, name)
-        except psycopg.Error as exc:
-            if connection is not None:
-                connection.close()
-            raise StoreError(f"{name}: cannot open: {_scrub(str(exc), secrets)}") from None
-        except StoreError:
-            if connection is not None:
-                connection.close()
-            raise
+        connection, secrets = _connect(url, name)
         return cls(connection, name, secrets)
 
-    def _scrub(self, message: str) -> str:
-        return _scrub(message, self._secrets)  # libpq quotes parts of a URL it cannot parse
+    def _fenced(
+        self, connection: psycopg.Connection[Any], fence: Fence, work: Callable[[Any], _T]
+    ) -> _T | None:
+        # FOR SHARE: a takeover's UPDATE of the lease row waits until this write has committed, so a write
+        # is either before the change of hands or refused, never after it
+        with connection.transaction():
+            held = connection.execute(
+                "SELECT 1 FROM flywatch_leases WHERE app = %s AND owner = %s AND epoch = %s"
+                " AND expires_at > now() FOR SHARE",
+                (fence.app, fence.owner, fence.epoch),
+            ).fetchone()
+            return None if held is None else work(connection)
 
     def _insert(
         self, connection: psycopg.Connection[Any], stream: str, at: float, key: str, text: str
@@ -118,6 +166,138 @@ class PostgresStore(SqlStore):
         if row is None:  # pragma: no cover - INSERT ... RETURNING of one row always gives one
             raise StoreError(f"{self._name}: append to {stream}: PostgreSQL gave no id")
         return int(row[0])
+
+
+@dataclass(frozen=True)
+class Member:
+    """An instance as the members table knows it; `live` while its row has not expired."""
+
+    member: str
+    region: str
+    started_at: float
+    live: bool
+
+
+@dataclass(frozen=True)
+class Roster:
+    """What one look at the tables shows: every member (live or lately gone), and who holds which app."""
+
+    members: tuple[Member, ...]
+    owners: dict[str, str]  # app -> the member holding its unexpired lease
+
+
+_FORGET_MEMBERS_AFTER = 3600  # seconds a member's expired row is still shown (as gone) before it is deleted
+
+
+class PostgresLeases(_PostgresConnection):
+    """The membership and lease tables, on a connection of their own. Every time is the database's
+    (now()), so the instances' own clocks never have to agree. Each call is a few autocommit statements:
+    no transaction spans two rows' locks, so two instances exchanging apps cannot deadlock."""
+
+    @classmethod
+    def open(cls, url: str) -> PostgresLeases:
+        name = f"PostgreSQL leases {redact_url(url)}"
+        connection, secrets = _connect(url, name)
+        return cls(connection, name, secrets)
+
+    async def join(self, member: str, region: str, started_at: float, ttl: float) -> Roster:
+        """Renew `member`'s row for `ttl` seconds; the roster as it stands."""
+
+        def work(connection: psycopg.Connection[Any]) -> Roster:
+            connection.execute(
+                "INSERT INTO flywatch_members (member, region, started_at, expires_at)"
+                " VALUES (%s, %s, %s, now() + make_interval(secs => %s))"
+                " ON CONFLICT (member) DO UPDATE SET region = excluded.region, expires_at = excluded.expires_at",
+                (member, region, started_at, ttl),
+            )
+            connection.execute(
+                "DELETE FROM flywatch_members WHERE expires_at < now() - make_interval(secs => %s)",
+                (_FORGET_MEMBERS_AFTER,),
+            )
+            members = tuple(
+                Member(str(name), str(where), float(started), bool(live))
+                for name, where, started, live in connection.execute(
+                    "SELECT member, region, started_at, expires_at > now() FROM flywatch_members ORDER BY member"
+                )
+            )
+            owners = dict(
+                connection.execute(
+                    "SELECT app, owner FROM flywatch_leases WHERE owner IS NOT NULL AND expires_at > now()"
+                ).fetchall()
+            )
+            return Roster(members, owners)
+
+        return await self._run(f"join as {member}", work)
+
+    async def exchange(
+        self,
+        member: str,
+        ttl: float,
+        *,
+        renew: dict[str, int],
+        release: dict[str, int],
+        acquire: list[str],
+    ) -> tuple[set[str], dict[str, int]]:
+        """Release the leases `member` gives up, renew (for `ttl` s) those it keeps while they are still
+        its own and unexpired, and take those it wants that are free or expired. Returns the renewed apps
+        and the acquired ones with their new epochs."""
+
+        def work(connection: psycopg.Connection[Any]) -> tuple[set[str], dict[str, int]]:
+            if release:
+                apps, epochs = _columns(release)
+                connection.execute(
+                    "UPDATE flywatch_leases AS l SET owner = NULL, expires_at = now()"
+                    " FROM unnest(%s::text[], %s::bigint[]) AS r(app, epoch)"
+                    " WHERE l.app = r.app AND l.epoch = r.epoch AND l.owner = %s",
+                    (apps, epochs, member),
+                )
+            renewed: set[str] = set()
+            if renew:
+                apps, epochs = _columns(renew)
+                renewed = {
+                    str(app)
+                    for (app,) in connection.execute(
+                        "UPDATE flywatch_leases AS l SET expires_at = now() + make_interval(secs => %s)"
+                        " FROM unnest(%s::text[], %s::bigint[]) AS h(app, epoch)"
+                        " WHERE l.app = h.app AND l.epoch = h.epoch AND l.owner = %s AND l.expires_at > now()"
+                        " RETURNING l.app",
+                        (ttl, apps, epochs, member),
+                    )
+                }
+            acquired: dict[str, int] = {}
+            if acquire:
+                acquired = {
+                    str(app): int(epoch)
+                    for app, epoch in connection.execute(
+                        "INSERT INTO flywatch_leases AS l (app, owner, epoch, acquired_at, expires_at)"
+                        " SELECT a, %s, 1, now(), now() + make_interval(secs => %s) FROM unnest(%s::text[]) AS a"
+                        " ON CONFLICT (app) DO UPDATE SET owner = excluded.owner, epoch = l.epoch + 1,"
+                        " acquired_at = excluded.acquired_at, expires_at = excluded.expires_at"
+                        " WHERE l.owner IS NULL OR l.expires_at <= now()"
+                        " RETURNING l.app, l.epoch",
+                        (member, ttl, sorted(acquire)),
+                    )
+                }
+            return renewed, acquired
+
+        return await self._run(f"exchange leases of {member}", work)
+
+    async def leave(self, member: str) -> None:
+        """Give up every lease of `member` and its membership: the others take over at their next look."""
+
+        def work(connection: psycopg.Connection[Any]) -> None:
+            connection.execute(
+                "UPDATE flywatch_leases SET owner = NULL, expires_at = now() WHERE owner = %s", (member,)
+            )
+            connection.execute("DELETE FROM flywatch_members WHERE member = %s", (member,))
+
+        await self._run(f"leave as {member}", work)
+
+
+def _columns(held: dict[str, int]) -> tuple[list[str], list[int]]:
+    """(apps, epochs) in app order: statements touch rows in one order, whoever sends them."""
+    apps = sorted(held)
+    return apps, [held[app] for app in apps]
 
 
 def _connect_defaults(conninfo: str) -> dict[str, Any]:

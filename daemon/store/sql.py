@@ -21,7 +21,7 @@ import threading
 from collections.abc import Callable
 from typing import Any, ClassVar, TypeVar
 
-from daemon.store.base import Entry, StoreError, decode, encode
+from daemon.store.base import Entry, Fence, FencedOut, StoreError, decode, encode
 
 _T = TypeVar("_T")
 
@@ -31,12 +31,11 @@ def document(namespace: str, key: str) -> str:
     return f"{namespace}[{key!r}]"
 
 
-class SqlStore:
-    """The `Store` over one DB-API connection; subclasses set the class attributes and `_insert`."""
+class SqlConnection:
+    """One DB-API connection used off the loop, one statement at a time, every failure a StoreError that
+    names `name`. The base of the stores and of the lease table (which keeps a connection of its own, so a
+    heartbeat never queues behind the store's work)."""
 
-    DOCUMENTS: ClassVar[str]  # the documents table
-    ENTRIES: ClassVar[str]  # the streams' entries table
-    P: ClassVar[str]  # the driver's parameter placeholder
     ERRORS: ClassVar[tuple[type[Exception], ...]]  # what the driver raises for a statement that fails
 
     def __init__(self, connection: Any, name: str) -> None:
@@ -52,6 +51,54 @@ class SqlStore:
         """A driver's message fit for an error (a backend whose driver may quote a secret cuts it out)."""
         return message
 
+    def _fenced(self, connection: Any, fence: Fence, work: Callable[[Any], _T]) -> _T | None:
+        """Run `work` in one transaction with a check that `fence` holds, or None (and nothing done) if it
+        does not. A backend without leases (a single instance's store) refuses every fence."""
+        raise StoreError(f"{self._name}: fenced writes need a store that holds leases (PostgreSQL)")
+
+    async def close(self) -> None:
+        async with self._queue:
+            await asyncio.to_thread(self._close)
+
+    def _close(self) -> None:
+        with self._statement:
+            connection, self._connection = self._connection, None
+            if connection is None:
+                return
+            try:
+                connection.close()
+            except self.ERRORS as exc:  # pragma: no cover - closing a connection does not fail in practice
+                raise StoreError(f"{self._name}: close failed: {self._scrub(str(exc))}") from None
+
+    async def _run(self, what: str, work: Callable[[Any], _T], fence: Fence | None = None) -> _T:
+        async with self._queue:
+            return await asyncio.to_thread(self._call, what, work, fence)
+
+    def _call(self, what: str, work: Callable[[Any], _T], fence: Fence | None = None) -> _T:
+        with self._statement:
+            if self._connection is None:
+                raise StoreError(f"{self._name}: {what}: the store is closed")
+            try:
+                if fence is None:
+                    return work(self._connection)
+                done = self._fenced(self._connection, fence, lambda connection: (work(connection),))
+            except self.ERRORS as exc:
+                raise StoreError(f"{self._name}: {what} failed: {self._scrub(str(exc))}") from None
+            if done is None:
+                raise FencedOut(
+                    f"{self._name}: {what} refused: {fence.owner} no longer holds {fence.app}'s lease"
+                    f" at epoch {fence.epoch} (expired, or taken over)"
+                )
+            return done[0]
+
+
+class SqlStore(SqlConnection):
+    """The `Store` over one DB-API connection; subclasses set the class attributes and `_insert`."""
+
+    DOCUMENTS: ClassVar[str]  # the documents table
+    ENTRIES: ClassVar[str]  # the streams' entries table
+    P: ClassVar[str]  # the driver's parameter placeholder
+
     def _insert(self, connection: Any, stream: str, at: float, key: str, text: str) -> int:
         """Append one entry; its id."""
         raise NotImplementedError
@@ -66,20 +113,24 @@ class SqlStore:
 
         return await self._run(f"get {where}", work)
 
-    async def put(self, namespace: str, key: str, value: dict[str, Any]) -> None:
+    async def put(
+        self, namespace: str, key: str, value: dict[str, Any], *, fence: Fence | None = None
+    ) -> None:
         what, p = f"put {document(namespace, key)}", self.P
         text = encode(value, store=self._name, what=what)
         sql = (
             f"INSERT INTO {self.DOCUMENTS} (namespace, key, value) VALUES ({p}, {p}, {p})"
             " ON CONFLICT (namespace, key) DO UPDATE SET value = excluded.value"
         )
-        await self._run(what, lambda connection: connection.execute(sql, (namespace, key, text)))
+        await self._run(what, lambda connection: connection.execute(sql, (namespace, key, text)), fence)
 
-    async def delete(self, namespace: str, key: str) -> None:
+    async def delete(self, namespace: str, key: str, *, fence: Fence | None = None) -> None:
         p = self.P
         sql = f"DELETE FROM {self.DOCUMENTS} WHERE namespace = {p} AND key = {p}"
         await self._run(
-            f"delete {document(namespace, key)}", lambda connection: connection.execute(sql, (namespace, key))
+            f"delete {document(namespace, key)}",
+            lambda connection: connection.execute(sql, (namespace, key)),
+            fence,
         )
 
     async def scan(self, namespace: str, prefix: str = "") -> dict[str, dict[str, Any]]:
@@ -98,13 +149,15 @@ class SqlStore:
 
         return await self._run(f"scan {namespace} for {prefix!r}", work)
 
-    async def append(self, stream: str, record: dict[str, Any], *, at: float, key: str = "") -> int:
+    async def append(
+        self, stream: str, record: dict[str, Any], *, at: float, key: str = "", fence: Fence | None = None
+    ) -> int:
         what = f"append to {stream}"
         if not math.isfinite(at):
             raise StoreError(f"{self._name}: {what}: `at` must be a finite time, not {at!r}")
         text = encode(record, store=self._name, what=what)
         return await self._run(
-            what, lambda connection: self._insert(connection, stream, float(at), key, text)
+            what, lambda connection: self._insert(connection, stream, float(at), key, text), fence
         )
 
     async def read(
@@ -149,30 +202,3 @@ class SqlStore:
         return await self._run(
             what, lambda connection: max(connection.execute(sql, (stream, stream, keep)).rowcount, 0)
         )
-
-    async def close(self) -> None:
-        async with self._queue:
-            await asyncio.to_thread(self._close)
-
-    def _close(self) -> None:
-        with self._statement:
-            connection, self._connection = self._connection, None
-            if connection is None:
-                return
-            try:
-                connection.close()
-            except self.ERRORS as exc:  # pragma: no cover - closing a connection does not fail in practice
-                raise StoreError(f"{self._name}: close failed: {self._scrub(str(exc))}") from None
-
-    async def _run(self, what: str, work: Callable[[Any], _T]) -> _T:
-        async with self._queue:
-            return await asyncio.to_thread(self._call, what, work)
-
-    def _call(self, what: str, work: Callable[[Any], _T]) -> _T:
-        with self._statement:
-            if self._connection is None:
-                raise StoreError(f"{self._name}: {what}: the store is closed")
-            try:
-                return work(self._connection)
-            except self.ERRORS as exc:
-                raise StoreError(f"{self._name}: {what} failed: {self._scrub(str(exc))}") from None
