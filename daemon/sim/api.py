@@ -209,13 +209,14 @@ class MachinesApi:
         token = token.strip()
         if scheme not in ("Bearer", "FlyV1") or not token:
             raise ApiError(401, "Authenticate: token validation error")
+        agent = request.headers.get("User-Agent", "")
         tokens = self.platform.settings.tokens
         if not tokens:
-            return Actor(owner="anonymous@tokens.fly.io")
+            return Actor(owner="anonymous@tokens.fly.io", agent=agent)
         owner = tokens.get(token)
         if owner is None:
             raise ApiError(401, "Authenticate: token validation error")
-        return Actor(owner=owner)
+        return Actor(owner=owner, agent=agent)
 
     # ------------------------------------------------------------ routes
 

@@ -60,10 +60,12 @@ class SimSettings:
 
 @dataclass(frozen=True)
 class Actor:
-    """Who asked for a mutation: the token's owner, and which door it came through."""
+    """Who asked for a mutation: the token's owner, which door it came through, and the client that sent
+    it (the request's User-Agent; "" for the simulator's own deployer and the control API)."""
 
     owner: str
     source: str = "api"  # api | deploy | control
+    agent: str = ""
 
 
 CONTROL = Actor(owner="Fly.io system", source="control")
@@ -671,6 +673,7 @@ class Platform:
                 "action": action,
                 "source": actor.source,
                 "owner": actor.owner,
+                "agent": actor.agent,
                 **details,
             }
         )

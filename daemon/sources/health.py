@@ -111,6 +111,21 @@ class HealthWatch:
             self._export(health)
         return result
 
+    def forget(self, app: str) -> None:
+        """Drop everything kept of `app` (probe history, exported verdict series): watched again later, its
+        machines start afresh, as after a restart, and no verdict of the time before stays exported."""
+        self._history.pop(app, None)
+        machines = self._machines_seen.pop(app, {})
+        regions = self._regions_seen.pop(app, set())
+        metrics = self._metrics
+        if metrics is None:
+            return
+        for machine_id, region in machines.items():
+            metrics.machine_healthy.remove(app, region, machine_id)
+        for region in regions:
+            for state in RegionState:
+                metrics.region_health.remove(app, region, state.value)
+
     def _count(self, app: str, region: str, label: str, latency: float) -> None:
         if self._metrics is not None:
             self._metrics.probes.labels(app, region, label).inc()

@@ -83,6 +83,19 @@ class MetricWatch:
         self._latest: dict[tuple[str, str], dict[str, Sample]] = {}
         self._exported: dict[tuple[str, str], set[str]] = {}
 
+    def forget(self, app: str) -> None:
+        """Drop everything kept of `app`: its samples, its exported value series, and the scraper's
+        counters; read again later, it starts afresh (no old sample served as fresh, no rate against an
+        old total)."""
+        for key in [k for k in self._latest if k[0] == app]:
+            del self._latest[key]
+        for key in [k for k in self._exported if k[0] == app]:
+            regions = self._exported.pop(key)
+            if self._metrics is not None:
+                for region in regions:
+                    self._metrics.value.remove(app, region, key[1])
+        self._scraper.forget(app)
+
     async def read(
         self, app: str, machines: list[Machine], regions: Iterable[str], spec: MetricSpec
     ) -> Reading:

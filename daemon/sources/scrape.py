@@ -75,6 +75,12 @@ class Scraper:
     async def aclose(self) -> None:
         await self._sessions.aclose()
 
+    def forget(self, app: str) -> None:
+        """Drop the counters kept of `app`'s machines: scraped again later, a counter has no rate until its
+        second scrape, as after a restart."""
+        for key in [k for k in self._previous if k[0] == app]:
+            del self._previous[key]
+
     async def _read(self, url: str, timeout: float) -> str:
         async with self._client().get(url, timeout=aiohttp.ClientTimeout(total=timeout)) as response:
             if response.status != 200:

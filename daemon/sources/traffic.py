@@ -132,6 +132,13 @@ class TrafficReader:
     async def aclose(self) -> None:
         await self._sessions.aclose()
 
+    def forget(self, app: str) -> None:
+        """Drop what was read of `app` before (its machines' totals, its last PromQL read): read again
+        later, the next read is a first read (nothing compared with a stale total, the first window)."""
+        for key in [k for k in self._previous if k[0] == app]:
+            del self._previous[key]
+        self._queried.pop(app, None)
+
     async def read(self, app: str, machines: Sequence[Machine], spec: TrafficSpec) -> TrafficReading:
         """One read of every machine given (the caller chooses which: canaries are not special). Never
         raises: what could not be read is in `errors`."""

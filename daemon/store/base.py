@@ -22,7 +22,7 @@ class StoreError(Exception):
     """The store could not do what was asked: bad URL, unreadable file, corrupt data, full disk, bad value."""
 
 
-class FencedOut(StoreError):
+class FencedError(StoreError):
     """A fenced write refused: the instance no longer holds the app's lease with that epoch (it expired, or
     another instance took the app over). Nothing was written."""
 
@@ -31,7 +31,7 @@ class FencedOut(StoreError):
 class Fence:
     """A write's proof of ownership: `owner` holds `app`'s lease at `epoch`. A store given a fence writes only
     if that lease is still held at that epoch and unexpired, by the database's clock, in the same transaction
-    as the write; otherwise it raises FencedOut. An instance that lost an app can therefore never overwrite
+    as the write; otherwise it raises FencedError. An instance that lost an app can therefore never overwrite
     what its successor wrote, however late its write arrives."""
 
     app: str
@@ -58,7 +58,7 @@ class Store(Protocol):
         self, namespace: str, key: str, value: dict[str, Any], *, fence: Fence | None = None
     ) -> None:
         """Write the document at (namespace, key), replacing any there. Durable once it returns. With a
-        fence, only while the fence holds (else FencedOut)."""
+        fence, only while the fence holds (else FencedError)."""
         ...
 
     async def delete(self, namespace: str, key: str, *, fence: Fence | None = None) -> None:

@@ -207,7 +207,8 @@ class PostgresLeases(_PostgresConnection):
             connection.execute(
                 "INSERT INTO flywatch_members (member, region, started_at, expires_at)"
                 " VALUES (%s, %s, %s, now() + make_interval(secs => %s))"
-                " ON CONFLICT (member) DO UPDATE SET region = excluded.region, expires_at = excluded.expires_at",
+                " ON CONFLICT (member) DO UPDATE"
+                " SET region = excluded.region, expires_at = excluded.expires_at",
                 (member, region, started_at, ttl),
             )
             connection.execute(
@@ -217,7 +218,8 @@ class PostgresLeases(_PostgresConnection):
             members = tuple(
                 Member(str(name), str(where), float(started), bool(live))
                 for name, where, started, live in connection.execute(
-                    "SELECT member, region, started_at, expires_at > now() FROM flywatch_members ORDER BY member"
+                    "SELECT member, region, started_at, expires_at > now()"
+                    " FROM flywatch_members ORDER BY member"
                 )
             )
             owners = dict(
@@ -270,7 +272,8 @@ class PostgresLeases(_PostgresConnection):
                     str(app): int(epoch)
                     for app, epoch in connection.execute(
                         "INSERT INTO flywatch_leases AS l (app, owner, epoch, acquired_at, expires_at)"
-                        " SELECT a, %s, 1, now(), now() + make_interval(secs => %s) FROM unnest(%s::text[]) AS a"
+                        " SELECT a, %s, 1, now(), now() + make_interval(secs => %s)"
+                        " FROM unnest(%s::text[]) AS a"
                         " ON CONFLICT (app) DO UPDATE SET owner = excluded.owner, epoch = l.epoch + 1,"
                         " acquired_at = excluded.acquired_at, expires_at = excluded.expires_at"
                         " WHERE l.owner IS NULL OR l.expires_at <= now()"

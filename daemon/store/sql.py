@@ -21,7 +21,7 @@ import threading
 from collections.abc import Callable
 from typing import Any, ClassVar, TypeVar
 
-from daemon.store.base import Entry, Fence, FencedOut, StoreError, decode, encode
+from daemon.store.base import Entry, Fence, FencedError, StoreError, decode, encode
 
 _T = TypeVar("_T")
 
@@ -51,7 +51,7 @@ class SqlConnection:
         """A driver's message fit for an error (a backend whose driver may quote a secret cuts it out)."""
         return message
 
-    def _fenced(self, connection: Any, fence: Fence, work: Callable[[Any], _T]) -> _T | None:
+    def _fenced(self, connection: Any, fence: Fence, work: Callable[[Any], _T]) -> _T | None:  # noqa: ARG002
         """Run `work` in one transaction with a check that `fence` holds, or None (and nothing done) if it
         does not. A backend without leases (a single instance's store) refuses every fence."""
         raise StoreError(f"{self._name}: fenced writes need a store that holds leases (PostgreSQL)")
@@ -85,7 +85,7 @@ class SqlConnection:
             except self.ERRORS as exc:
                 raise StoreError(f"{self._name}: {what} failed: {self._scrub(str(exc))}") from None
             if done is None:
-                raise FencedOut(
+                raise FencedError(
                     f"{self._name}: {what} refused: {fence.owner} no longer holds {fence.app}'s lease"
                     f" at epoch {fence.epoch} (expired, or taken over)"
                 )

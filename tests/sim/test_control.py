@@ -9,6 +9,7 @@ import httpx
 import pytest
 
 from daemon.clock import ManualClock
+from tests.conftest import eventually
 from tests.sim.helpers import machine_ids, make_app, wait_state
 
 OWNER = "sim@tokens.fly.io"
@@ -88,6 +89,34 @@ async def test_counters_count_requests_and_log_every_mutation(
     assert mutations[0]["previous_state"] == "started"
     assert mutations[4]["image"] == "registry.fly.io/shop:v2"
     assert mutations[6]["force"] is True
+
+
+async def test_mutations_record_the_user_agent(api: httpx.AsyncClient, control: httpx.AsyncClient) -> None:
+    """Each mutation logs the User-Agent of the request that made it; the simulator's own deployer sends
+    none, and its mutations say so with an empty agent."""
+    await make_app(control, base_latency=0.01, regions={"iad": 1})
+    await control.delete("/counters")
+    [machine_id] = await machine_ids(api)
+    instance_id = (await api.get(f"/apps/shop/machines/{machine_id}")).json()["instance_id"]
+    stop = await api.post(f"/apps/shop/machines/{machine_id}/stop", headers={"User-Agent": "flywatch"})
+    assert stop.status_code == 200, stop.text
+    stopped = await wait_state(api, "shop", machine_id, "stopped", instance_id=instance_id)
+    assert stopped.status_code == 200, stopped.text
+    assert (await api.post(f"/apps/shop/machines/{machine_id}/start")).status_code == 200  # httpx's own
+    assert (await wait_state(api, "shop", machine_id, "started")).status_code == 200
+    deployed = await control.post("/apps/shop/deploy", json={"image": "registry.fly.io/shop:v2"})
+    assert deployed.status_code == 202, deployed.text
+
+    async def deploy_done() -> bool:
+        return bool((await control.get("/apps/shop/releases")).json()[-1]["status"] != "running")
+
+    await eventually(deploy_done)
+    mutations = (await control.get("/counters")).json()["mutations"]
+    api_calls = [(m["action"], m["agent"]) for m in mutations if m["source"] == "api"]
+    assert api_calls == [("stop", "flywatch"), ("start", f"python-httpx/{httpx.__version__}")]
+    by_deployer = [m for m in mutations if m["source"] == "deploy"]
+    assert {m["action"] for m in by_deployer} >= {"lease", "update"}
+    assert {m["agent"] for m in by_deployer} == {""}
 
 
 async def test_counters_since_filters_and_delete_resets(
