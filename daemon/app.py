@@ -14,6 +14,8 @@ import asyncio
 import contextlib
 import hmac
 import logging
+import platform
+import secrets
 import signal
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -25,6 +27,7 @@ from daemon import __version__
 from daemon.actuator import Actuator
 from daemon.alerts import Alerter, WebhookTarget
 from daemon.clock import Clock, SystemClock
+from daemon.cluster import Cluster, Ownership, SoleOwnership, member_name
 from daemon.config import LoadedPolicy, PolicyError, load_policy
 from daemon.fly.client import MachinesClient
 from daemon.reconciler import DECISIONS, Reconciler
@@ -37,12 +40,14 @@ from daemon.sources.probes import Prober
 from daemon.sources.prometheus import PromQL
 from daemon.sources.scrape import Scraper
 from daemon.sources.traffic import TrafficReader
-from daemon.store import open_store
+from daemon.store import PostgresStore, open_store
 from daemon.store.base import Store
+from daemon.store.postgres import PostgresLeases
 from daemon.telemetry.logging import register_secret
 from daemon.telemetry.metrics import (
     AlertMetrics,
     ApiMetrics,
+    ClusterMetrics,
     HealthMetrics,
     ReconcilerMetrics,
     ReleaseMetrics,
@@ -74,7 +79,8 @@ class Daemon:
         self.loaded_at: float | None = None
         self.started_at = self.clock.now()
         self._stopping = asyncio.Event()
-        self._in_flight: set[asyncio.Task[Any]] = set()
+        self._in_flight: dict[asyncio.Task[Any], str] = {}  # each tick running, and its app
+        self._unforgotten: set[str] = set()  # apps let go of while a tick of theirs still ran
         self._scheduler = Scheduler()
         self._closers: list[Callable[[], Awaitable[None]]] = []
         self._watcher: asyncio.Task[None] | None = None
@@ -84,6 +90,7 @@ class Daemon:
         self.releases: ReleaseWatch | None = None
         self.alerter: Alerter | None = None
         self.server: TelemetryServer | None = None
+        self.ownership: Ownership = SoleOwnership("flywatch", settings.region)
 
     # ------------------------------------------------------------------ start
 
@@ -96,8 +103,14 @@ class Daemon:
             log.warning("FLY_API_TOKEN is not set: every call to the Machines API will be refused")
         self.store = open_store(self.settings.state_url)
         self._closers.append(self.store.close)
+        self.ownership = self._ownership(self.store)
         client = MachinesClient(
-            self.settings.machines_api_url, token, clock=self.clock, metrics=ApiMetrics(self.registry)
+            self.settings.machines_api_url,
+            token,
+            clock=self.clock,
+            metrics=ApiMetrics(self.registry),
+            guard=self.ownership.may_act,  # nothing is changed on an app this instance does not hold
+            user_agent=f"flywatch/{__version__} ({self.ownership.member})",
         )
         self._closers.append(client.aclose)
         prober = Prober(self.clock)
@@ -145,21 +158,68 @@ class Daemon:
         )
         await self.server.start()
         self._closers.append(self.server.stop)
+        self.ownership.set_apps(self.loaded.policy.apps)
+        await self.ownership.start(self._owners_changed)  # its first look is over: we know our share
         self._schedule()
         self._scheduler.start()
         self._watcher = asyncio.ensure_future(self._watch_policy())
         log.info(
-            "flywatch %s started: %d app(s), serving on %s%s",
+            "flywatch %s started as %s: %d app(s), %d of them ours, serving on %s%s",
             __version__,
+            self.ownership.member,
             len(self.loaded.policy.apps),
+            len(self.ownership.owned()),
             self.server.url,
             " (dry run: nothing will be changed)" if self.settings.dry_run else "",
         )
 
+    def _ownership(self, store: Store) -> Ownership:
+        """Alone on a SQLite store; a member of a cluster on PostgreSQL (cluster.py)."""
+        settings = self.settings
+        member = member_name(settings.instance, settings.machine_id, platform.node(), secrets.token_hex(3))
+        metrics = ClusterMetrics(self.registry)
+        if not isinstance(store, PostgresStore):
+            return SoleOwnership(member, settings.region, metrics)
+        leases = PostgresLeases.open(settings.state_url)  # a connection of its own: heartbeats never queue
+        self._closers.append(leases.close)
+        return Cluster(
+            leases,
+            self.clock,
+            member=member,
+            region=settings.region,
+            takeover=settings.takeover,
+            busy=self._busy,
+            metrics=metrics,
+        )
+
+    def _owners_changed(self, gained: set[str], lost: set[str]) -> None:
+        """The apps this instance may act on changed: their jobs follow at once."""
+        if self.loaded is None or self._stopping.is_set():
+            return
+        log.debug("ownership changed: +%d -%d app(s)", len(gained), len(lost))
+        self._schedule()
+
+    def _busy(self, app: str) -> bool:
+        return app in self._in_flight.values()
+
+    def _forget(self, app: str) -> None:
+        """Drop what this instance knew of an app it no longer watches, once no tick of it is running (a tick
+        still running would write some of it back)."""
+        if self._busy(app):
+            self._unforgotten.add(app)
+        elif self.reconciler is not None:
+            self._unforgotten.discard(app)
+            # its series go too: a last tick that stays forever would read as a loop that stopped
+            self.reconciler.forget(app)
+
     def _schedule(self) -> None:
         assert self.loaded is not None  # noqa: S101 - start() loads it first
+        self.ownership.set_apps(self.loaded.policy.apps)
+        owned = self.ownership.owned()
         wanted = set()
         for app, policy in self.loaded.policy.apps.items():
+            if app not in owned:
+                continue  # another instance's, or not yet ours
             wanted.add(f"probe:{app}")
             self._scheduler.every(f"probe:{app}", policy.health.interval, self._job, "probe", app)
             # every app has a tick: the release watch runs in it, scaling too when the app has a policy for it
@@ -167,10 +227,9 @@ class Daemon:
             interval = policy.scaling.interval if policy.scaling is not None else policy.health.interval
             self._scheduler.every(f"reconcile:{app}", interval, self._job, "reconcile", app)
         for job_id in set(self._scheduler.job_ids()) - wanted:
-            self._scheduler.remove(job_id)  # an app (or its scaling) that the new policy no longer has
-            if self.reconciler is not None:
-                # its series go too: a last tick that stays forever would read as a loop that stopped
-                self.reconciler.forget(job_id.partition(":")[2])
+            # an app that the new policy no longer has, or that is no longer this instance's
+            self._scheduler.remove(job_id)
+            self._forget(job_id.partition(":")[2])
         for webhook in self.loaded.policy.alerts.webhooks:
             register_secret(webhook.url.get_secret_value())  # a webhook URL never appears in a log line
         if self.alerter is not None:
@@ -183,9 +242,11 @@ class Daemon:
         policy = self.loaded.policy.apps.get(app)
         if policy is None:
             return  # removed by a reload since it was scheduled
+        if self.ownership.may_act(app) is not None:
+            return  # let go of since it was scheduled (its job is being removed), or our lease lapsed
         task = asyncio.current_task()
         if task is not None:
-            self._in_flight.add(task)
+            self._in_flight[task] = app
         try:
             if kind == "probe":
                 await self.reconciler.probe(app, policy)
@@ -193,7 +254,9 @@ class Daemon:
                 await self.reconciler.reconcile(app, policy)
         finally:
             if task is not None:
-                self._in_flight.discard(task)
+                self._in_flight.pop(task, None)
+            if app in self._unforgotten:
+                self._forget(app)
 
     # ------------------------------------------------------------------ reload
 
@@ -236,7 +299,9 @@ class Daemon:
             return False, "stopping"
         if self.loaded is None:
             return False, "no policy loaded"
-        if self.reconciler is None or not self.reconciler.first_tick_done:
+        if isinstance(self.ownership, Cluster) and not self.ownership.joined:
+            return False, "not a live member of the cluster (its database does not answer)"
+        if self.reconciler is None or (self.ownership.owned() and not self.reconciler.first_tick_done):
             return False, "waiting for the first tick"
         return True, ""
 
@@ -254,6 +319,7 @@ class Daemon:
                 "apps": list(self.loaded.policy.apps) if self.loaded else [],
                 "last_error": self.policy_error,
             },
+            "cluster": self.ownership.status_json(),
             "apps": self.reconciler.status_json() if self.reconciler else {},
             "releases": dict(self.releases.status) if self.releases else {},
         }
@@ -310,6 +376,7 @@ class Daemon:
             if pending:  # let them unwind (and release their leases) while the client is still open
                 await asyncio.wait(pending, timeout=_UNWIND_GRACE)
         self._scheduler.shutdown()
+        await self.ownership.stop()  # the others take our apps over now, not when our leases run out
         for close in reversed(self._closers):
             try:
                 await close()

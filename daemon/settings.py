@@ -36,6 +36,12 @@ class Settings(BaseSettings):
     org: str | None = None  # the Fly organization (its managed Prometheus lives under it)
     prometheus_url: str | None = None  # default: Fly's managed Prometheus for `org`
     prometheus_token: SecretStr | None = None  # for a Prometheus of your own; Fly's takes FLY_API_TOKEN
+    # several instances on one PostgreSQL state (cluster.py): at most this many seconds from an owner's end
+    # to another instance acting on its apps
+    takeover: float = Field(default=15.0, ge=2.0, le=600.0)  # FLYWATCH_TAKEOVER
+    instance: str | None = None  # FLYWATCH_INSTANCE: this instance's name; default the Fly machine's id
+    machine_id: str | None = Field(default=None, validation_alias=AliasChoices("FLY_MACHINE_ID"))
+    region: str = Field(default="local", validation_alias=AliasChoices("FLYWATCH_REGION", "FLY_REGION"))
 
     @property
     def effective_prometheus_url(self) -> str | None:

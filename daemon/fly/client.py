@@ -19,7 +19,7 @@ import logging
 import math
 import random
 import secrets
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Self, TypeVar
@@ -160,7 +160,11 @@ class MachinesClient:
         timeout: float = 30.0,
         transport: httpx.AsyncBaseTransport | None = None,
         rng: random.Random | None = None,
+        guard: Callable[[str], str | None] | None = None,
+        user_agent: str = "flywatch",
     ) -> None:
+        """`guard(app)`: asked before every request that changes anything of `app` (None: go ahead; else why
+        not, raised as NotOwner and never sent), so an instance that has lost an app cannot act on it."""
         base = base_url.rstrip("/")
         if not base.endswith("/v1"):
             base += "/v1"
@@ -171,9 +175,10 @@ class MachinesClient:
         self._rng = rng or random.Random()
         self._timeout = timeout
         self._secrets = _secrets_of(token)
+        self._guard = guard
         self._http = httpx.AsyncClient(
             base_url=base,
-            headers={"Authorization": authorization(token), "User-Agent": "flywatch"},
+            headers={"Authorization": authorization(token), "User-Agent": user_agent},
             timeout=timeout,
             transport=transport,
         )
@@ -229,6 +234,7 @@ class MachinesClient:
         retry = 0
         while True:
             await self._throttle(endpoint, scope)
+            self._check_guard(endpoint, method, path)  # after the wait: the lease may have lapsed in it
             started = self._clock.now()
             response: httpx.Response | None = None
             try:
@@ -269,6 +275,15 @@ class MachinesClient:
             log.info("retrying %s after a %s error in %.2fs (retry %d)", endpoint, reason, delay, retry + 1)
             await self._clock.sleep(delay)
             retry += 1
+
+    def _check_guard(self, endpoint: str, method: str, path: str) -> None:
+        """Raise NotOwner for a change to an app the guard says is not ours. Reads always go; so does
+        releasing a machine lease of ours, which only lets others in sooner."""
+        if self._guard is None or method == "GET" or endpoint == "Machines_release_lease":
+            return
+        parts = path.split("/")
+        if len(parts) > 2 and parts[1] == "apps" and (reason := self._guard(parts[2])) is not None:
+            raise errors.NotOwner(endpoint, reason)
 
     # ------------------------------------------------------------------ apps
 

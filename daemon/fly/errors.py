@@ -86,6 +86,12 @@ class LeaseLost(FlyApiError):
     """Our lease could not be refreshed and may have expired: nothing more may be changed under it."""
 
 
+class NotOwner(FlyApiError):
+    """Never sent: this instance does not hold the app's lease (another instance has it, or ours lapsed)."""
+
+    status = 0
+
+
 class TransportError(FlyApiError):
     """No answer at all: connection refused or reset, or our own timeout."""
 

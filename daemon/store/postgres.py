@@ -276,7 +276,9 @@ class PostgresLeases(_PostgresConnection):
                         " FROM unnest(%s::text[]) AS a"
                         " ON CONFLICT (app) DO UPDATE SET owner = excluded.owner, epoch = l.epoch + 1,"
                         " acquired_at = excluded.acquired_at, expires_at = excluded.expires_at"
-                        " WHERE l.owner IS NULL OR l.expires_at <= now()"
+                        # free, expired, or still our own (held by this very process, which has
+                        # stopped acting on the old epoch itself): the epoch goes up in every case
+                        " WHERE l.owner IS NULL OR l.expires_at <= now() OR l.owner = excluded.owner"
                         " RETURNING l.app, l.epoch",
                         (member, ttl, sorted(acquire)),
                     )
