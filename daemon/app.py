@@ -132,7 +132,14 @@ class Daemon:
         self._closers.append(self.alerter.aclose)
         actuator = Actuator(client, self.clock, dry_run=self.settings.dry_run)
         self.releases = ReleaseWatch(
-            client, actuator, traffic, self.store, self.clock, ReleaseMetrics(self.registry), self.alerter
+            client,
+            actuator,
+            traffic,
+            self.store,
+            self.clock,
+            ReleaseMetrics(self.registry),
+            self.alerter,
+            fence=self.ownership.fence,
         )
         self.reconciler = Reconciler(
             client,
@@ -144,6 +151,7 @@ class Daemon:
             ReconcilerMetrics(self.registry),
             self.releases,
             self.alerter,
+            fence=self.ownership.fence,
         )
         self.server = TelemetryServer(
             self.registry,

@@ -34,6 +34,7 @@ from daemon.core.scaling import (
     after_action,
     decide,
 )
+from daemon.fly import errors
 from daemon.fly.client import MachinesClient
 from daemon.fly.models import Machine
 from daemon.releases import ReleaseWatch
@@ -41,7 +42,7 @@ from daemon.sources.fleet import in_group
 from daemon.sources.health import AppHealth, HealthSpec, HealthWatch
 from daemon.sources.metrics import MachineCountSpec, MetricSpec, MetricWatch, PromQuerySpec, machine_counts
 from daemon.sources.scrape import ScrapeSpec
-from daemon.store.base import Store
+from daemon.store.base import FencedError, Fences, Store, no_fence
 from daemon.telemetry.metrics import ReconcilerMetrics
 
 log = logging.getLogger("flywatch.reconciler")
@@ -167,7 +168,9 @@ class Reconciler:
         metrics: ReconcilerMetrics,
         releases: ReleaseWatch | None = None,
         alerter: Alerter | None = None,
+        fence: Fences = no_fence,
     ) -> None:
+        self._fence = fence  # every write about an app is fenced: only its owner's land
         self._releases = releases
         self._alerter = alerter
         self._region_states: dict[tuple[str, str], RegionState] = {}
@@ -204,12 +207,22 @@ class Reconciler:
             self._metrics.tick_duration.labels("probe").observe(time.perf_counter() - started)
 
     def forget(self, app: str) -> None:
-        """An app the policy no longer has: its status and its gauges' series are removed."""
+        """An app this instance no longer watches (gone from the policy, or taken over by another
+        instance): its status, its gauges' series and everything kept of it in memory here and in the
+        health, metric and release watches are dropped, so that if it comes back it is judged afresh, as
+        after a restart (no old probe history, samples, counters or baselines). What is in the store
+        stays."""
         self.status.pop(app, None)
         self.latest_health.pop(app, None)
         self._metrics.forget(app)
         for key in [k for k in self._states_shown if k[0] == app]:
             del self._states_shown[key]
+        for key in [k for k in self._region_states if k[0] == app]:
+            del self._region_states[key]  # back later, a region is not "recovered" from a state long gone
+        self._health.forget(app)
+        self._watch.forget(app)
+        if self._releases is not None:
+            self._releases.forget(app)
 
     def _tell_regions(self, app: str, health: AppHealth) -> None:
         """Alert when a region goes down, and when it comes back. Unknown says nothing either way: a region
@@ -239,6 +252,11 @@ class Reconciler:
         try:
             decisions = await self._tick(app, policy, status)
             status.tick_error = ""
+        except (FencedError, errors.NotOwner) as exc:
+            # the app changed hands during the tick: nothing more was written or sent; its new owner goes on
+            status.tick_error = f"{type(exc).__name__}: {exc}"
+            log.warning("reconcile tick of %s stopped: this instance no longer holds it: %s", app, exc)
+            decisions = []
         except Exception as exc:
             status.tick_error = f"{type(exc).__name__}: {exc}"
             self._metrics.tick_errors.labels(app, "reconcile").inc()
@@ -315,7 +333,9 @@ class Reconciler:
                 for decision in decisions:
                     if decision.acts:  # the intent is durable before anything is changed
                         intent = {**memory_to_json(decision.memory), IN_FLIGHT: decision.action}
-                        await self._store.put(self._scaling_ns, f"{app}/{decision.region}", intent)
+                        await self._store.put(
+                            self._scaling_ns, f"{app}/{decision.region}", intent, fence=self._fence(app)
+                        )
             results = await self._act(app, policy, scaling, decisions)
             for decision in decisions:
                 result = results.get(decision.region)
@@ -329,7 +349,12 @@ class Reconciler:
                     # the cooldown runs from the end of the action (its machines started or stopped), not
                     # from the start of the tick, which can be long before it (rate-limited calls, boots)
                     memory = after_action(memory, decision.action, self._clock.now())
-                await self._store.put(self._scaling_ns, f"{app}/{decision.region}", memory_to_json(memory))
+                await self._store.put(
+                    self._scaling_ns,
+                    f"{app}/{decision.region}",
+                    memory_to_json(memory),
+                    fence=self._fence(app),
+                )
                 await self._record(app, now, decision, result, reading.error if reading else "")
         name = metric_spec(scaling, policy.process_group).name if scaling is not None else ""
         self._report(app, now, status, inputs, decisions, reading.error if reading else "", name, results)
@@ -400,7 +425,7 @@ class Reconciler:
             "inputs": {**dict(decision.inputs), "metric_error": metric_error},
             "not_acting": dict(decision.not_acting),
         }
-        await self._store.append(DECISIONS, record, at=now, key=app)
+        await self._store.append(DECISIONS, record, at=now, key=app, fence=self._fence(app))
         log.info(
             "decision %s/%s: %s %s (%s) -> %s",
             app,

@@ -64,7 +64,7 @@ from daemon.fly.client import MachinesClient
 from daemon.fly.models import Machine
 from daemon.sources.health import AppHealth
 from daemon.sources.traffic import TrafficReader, TrafficSpec
-from daemon.store.base import Store
+from daemon.store.base import FencedError, Fences, Store, no_fence
 from daemon.telemetry.metrics import ReleaseMetrics
 
 log = logging.getLogger("flywatch.releases")
@@ -151,7 +151,9 @@ class ReleaseWatch:
         clock: Clock,
         metrics: ReleaseMetrics,
         alerter: Alerter | None = None,
+        fence: Fences = no_fence,
     ) -> None:
+        self._fence = fence  # every write about an app, but a rollback asked for by hand, is fenced
         self._client = client
         self._actuator = actuator
         self._traffic = traffic
@@ -204,7 +206,7 @@ class ReleaseWatch:
             self._emit(app, events, now)
             await self.flush()
             events = []
-            await self._store.delete(self._requests, app)
+            await self._store.delete(self._requests, app, fence=self._fence(app))
         if state.good is not None:
             state = await self._complete_good(app, state, views)
         watch_policy = Policy(thresholds(policy), policy.release.on_failure, policy.release.lease_wait)
@@ -244,7 +246,7 @@ class ReleaseWatch:
     async def _save(self, app: str, state: WatchState, stored: dict[str, Any] | None) -> None:
         document = state.to_json()
         if document != stored:
-            await self._store.put(self._namespace, app, document)
+            await self._store.put(self._namespace, app, document, fence=self._fence(app))
 
     # ------------------------------------------------------------------ traffic
 
@@ -646,11 +648,31 @@ class ReleaseWatch:
                     )
                 )
 
+    def forget(self, app: str) -> None:
+        """Drop everything kept in memory of `app` (baseline window, early traffic, lookups, traffic errors,
+        its /status entry, its release gauges' series, the traffic reader's totals): watched again later, it
+        starts as after a restart, from its stored state alone. Events already told but not yet written stay
+        pending: they are history, and the next flush writes them."""
+        self._baseline.pop(app, None)
+        self._looked_up = {key for key in self._looked_up if key[0] != app}
+        self._shown.pop(app, None)
+        self._shown_before.pop(app, None)
+        self._traffic_errors.pop(app, None)
+        self._unclaimed.pop(app, None)
+        self.status.pop(app, None)
+        self._metrics.forget(app)
+        self._traffic.forget(app)
+
     async def flush(self) -> None:
         """Write the events told since the last flush to the release history."""
         pending, self._pending = self._pending, []
         for app, record in pending:
-            await self._store.append(HISTORY, record, at=float(record["at"]), key=app)
+            try:
+                await self._store.append(
+                    HISTORY, record, at=float(record["at"]), key=app, fence=self._fence(app)
+                )
+            except FencedError as exc:  # the app changed hands: its new owner writes its history now
+                log.warning("release history of %s not written: %s", app, exc)
 
     def _export(self, app: str, state: WatchState) -> None:
         watched = state.watched

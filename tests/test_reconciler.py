@@ -20,7 +20,7 @@ from daemon.sources.metrics import MetricWatch
 from daemon.sources.probes import Prober
 from daemon.sources.scrape import Scraper
 from daemon.store import open_store
-from daemon.telemetry.metrics import ReconcilerMetrics
+from daemon.telemetry.metrics import HealthMetrics, ReconcilerMetrics, SourceMetrics
 from tests.sim.helpers import make_app
 
 POLICY = """
@@ -44,8 +44,8 @@ async def reconciler(sim: SimServer, tmp_path: Path) -> AsyncIterator[tuple[Reco
         Reconciler(
             client,
             Actuator(client, clock, wait_timeout=5, lease_ttl=5),
-            HealthWatch(prober, clock),
-            MetricWatch(clock, scraper),
+            HealthWatch(prober, clock, HealthMetrics(registry)),
+            MetricWatch(clock, scraper, metrics=SourceMetrics(registry)),
             store,
             clock,
             ReconcilerMetrics(registry),
@@ -75,3 +75,42 @@ async def test_status_tells_the_outcome_and_counts_follow_the_machines(
     await daemon.reconcile("shop", policy)
     assert registry.get_sample_value("flywatch_machines", stopped) == 0.0  # none left in that state
     assert registry.get_sample_value("flywatch_machines", {**stopped, "state": "started"}) == 2.0
+
+
+def _gauge_apps(registry: CollectorRegistry) -> set[str]:
+    """The apps with a series in any of the registry's gauges."""
+    return {
+        sample.labels["fly_app"]
+        for family in registry.collect()
+        if family.type == "gauge"
+        for sample in family.samples
+        if "fly_app" in sample.labels
+    }
+
+
+async def test_forget_drops_the_app_everywhere(
+    control: httpx.AsyncClient, reconciler: tuple[Reconciler, CollectorRegistry]
+) -> None:
+    """forget (the app left the policy, or another instance took it over) removes the app's status and
+    every gauge series, its own and the health and metric watches'; watched again, its probe history
+    starts afresh: one passing probe is not the healthy_after=2 run."""
+    daemon, registry = reconciler
+    await make_app(control, regions={"iad": 2}, base_latency=0.01)
+    policy = parse_policy(POLICY, "policy.yaml").apps["shop"]
+    for _ in range(2):
+        await daemon.probe("shop", policy)
+    assert {"status 200" in v.reason for v in daemon.latest_health["shop"].machines.values()} == {True}
+    await daemon.reconcile("shop", policy)
+    assert not daemon.status["shop"].tick_error, daemon.status["shop"].tick_error
+    metric = {"fly_app": "shop", "fly_region": "iad", "metric": "machines_started"}
+    assert registry.get_sample_value("flywatch_metric_value", metric) == 2.0
+    assert registry.get_sample_value(
+        "flywatch_region_health", {"fly_app": "shop", "fly_region": "iad", "state": "healthy"}
+    )
+    daemon.forget("shop")
+    assert daemon.status_json() == {}
+    assert "shop" not in daemon.latest_health
+    assert _gauge_apps(registry) == set()  # machine counts, health verdicts and metric values alike
+    await daemon.probe("shop", policy)
+    again = daemon.latest_health["shop"].machines.values()
+    assert {"Fly checks passing" in v.reason for v in again} == {True}, [v.reason for v in again]

@@ -344,3 +344,47 @@ async def test_a_failed_canary_left_behind_by_a_deploy_is_destroyed(
     canary = (await api.get(f"/apps/shop/machines/{state.rollback.destroyed[0]}")).json()
     assert canary["state"] in {"destroying", "destroyed"}
     assert canary["config"]["metadata"]["fly_canary"] == "true"
+
+
+def _release_series(registry: CollectorRegistry, app: str) -> list[tuple[str, dict[str, str]]]:
+    return [
+        (sample.name, sample.labels)
+        for family in registry.collect()
+        if family.name in {"flywatch_release_info", "flywatch_release_verdict"}
+        for sample in family.samples
+        if sample.labels.get("fly_app") == app
+    ]
+
+
+async def test_forget_drops_the_status_and_the_release_gauges(
+    build: Any, control: httpx.AsyncClient, api: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The reconciler's forget reaches the release watch: no /status entry and no release gauge series of
+    the app are left, its traffic reader forgets it too, and the history and stored state stay; watched
+    again, the app is shown afresh from its stored state."""
+    watch = build()
+    await _adopted(watch, control, api)
+    assert "shop" in watch.releases.status
+    assert _release_series(watch.registry, "shop")
+    forgotten: list[str] = []
+    original = TrafficReader.forget
+
+    def spy(reader: TrafficReader, app: str) -> None:
+        forgotten.append(app)
+        original(reader, app)
+
+    monkeypatch.setattr(TrafficReader, "forget", spy)
+    stored = (await watch.state()).to_json()
+    history = await watch.store.read(HISTORY, key="shop", limit=100)
+    watch.reconciler.forget("shop")
+    assert "shop" not in watch.releases.status
+    assert _release_series(watch.registry, "shop") == []
+    assert forgotten == ["shop"]
+    assert (await watch.state()).to_json() == stored  # only memory is dropped
+    assert await watch.store.read(HISTORY, key="shop", limit=100) == history
+    await watch.tick()
+    assert watch.releases.status["shop"]["good"] is not None
+    info = [
+        labels for name, labels in _release_series(watch.registry, "shop") if name == "flywatch_release_info"
+    ]
+    assert [labels["version"] for labels in info] == ["1"]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -37,6 +38,14 @@ class Fence:
     app: str
     owner: str
     epoch: int
+
+
+Fences = Callable[[str], "Fence | None"]  # the fence for writes about an app (None: none needed)
+
+
+def no_fence(_app: str) -> Fence | None:
+    """An instance alone: its writes need no fence."""
+    return None
 
 
 @dataclass(frozen=True)

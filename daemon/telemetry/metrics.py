@@ -103,6 +103,16 @@ class ReleaseMetrics:
         for result in ROLLBACK_RESULTS:
             self.rollbacks.labels(app, result)
 
+    def forget(self, app: str) -> None:
+        """Remove every series of `app` from the release gauges (the releases it ran and their verdicts);
+        the rollback counters stay, as counters do (see ReconcilerMetrics.forget)."""
+        for gauge in (self.info, self.verdict):
+            for metric in gauge.collect():
+                for sample in metric.samples:
+                    if sample.labels.get("fly_app") == app:
+                        with contextlib.suppress(KeyError):
+                            gauge.remove(*sample.labels.values())
+
     def __init__(self, registry: CollectorRegistry) -> None:
         self.info = Gauge(
             "flywatch_release_info",
@@ -216,3 +226,52 @@ class AlertMetrics:
         for event in ALERT_EVENTS:  # at 0 from the start, so increase() sees the first one
             for result in ("sent", "failed", "dropped"):
                 self.deliveries.labels(event, result)
+
+
+class ClusterMetrics:
+    """What an instance says of its place among the instances sharing one state (cluster.py): only of
+    itself, so N instances scraped side by side never repeat one another's series."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.up = Gauge(
+            "flywatch_instance_up",
+            "1 while this instance is a live member (alone, or its membership renewed in the database in"
+            " time), 0 while it is cut off and acts on nothing.",
+            ["member", "region"],
+            registry=registry,
+        )
+        self.owned = Gauge(
+            "flywatch_owned_apps",
+            "The apps this instance holds the lease of, and so watches and acts on.",
+            ["member"],
+            registry=registry,
+        )
+        self.members = Gauge(
+            "flywatch_cluster_members",
+            "The live members this instance saw at its last heartbeat (itself included).",
+            registry=registry,
+        )
+        self.changes = Counter(
+            "flywatch_ownership_changes",
+            "Apps that changed hands here: gained, released (handed over to a new owner), lost (lapsed,"
+            " or taken by another member).",
+            ["change"],
+            registry=registry,
+        )
+        for change in ("gained", "released", "lost"):
+            self.changes.labels(change)  # at 0 from the start, so increase() sees the first one
+        self.heartbeat_failures = Counter(
+            "flywatch_cluster_heartbeat_failures",
+            "Heartbeats the database did not answer (the leases lapse if it goes on).",
+            registry=registry,
+        )
+        self._shown: tuple[str, str] | None = None
+
+    def show(self, member: str, region: str, *, up: bool, owned: int, members: int) -> None:
+        if self._shown is not None and self._shown != (member, region):
+            self.up.remove(*self._shown)
+            self.owned.remove(self._shown[0])
+        self._shown = (member, region)
+        self.up.labels(member, region).set(1 if up else 0)
+        self.owned.labels(member).set(owned)
+        self.members.set(members)

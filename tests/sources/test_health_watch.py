@@ -179,3 +179,33 @@ async def test_probe_history_is_per_instance(
     after = (await rounds(watch, fly, 1)).machines[machine.id]
     assert after.verdict is not Verdict.UNHEALTHY, after.reason
     assert "recovering" not in after.reason
+
+
+async def test_forget_drops_the_history_and_the_exported_verdicts(
+    control: httpx.AsyncClient, fly: MachinesClient, watch: HealthWatch, registry: CollectorRegistry
+) -> None:
+    """After forget, the app's verdict series are gone and, watched again, its machines need the whole
+    healthy_after run again: one passing probe is not enough, as after a restart."""
+    await make_app(control, base_latency=0.01, regions={"iad": 1})
+    await make_app(control, "other", base_latency=0.01, regions={"cdg": 1})
+    health = await rounds(watch, fly, 2)
+    (machine,) = health.machines
+    assert "status 200" in health.machines[machine].reason  # the probes' own verdict: healthy
+    await rounds(watch, fly, 2, app="other")
+    machine_labels = {"fly_app": "shop", "fly_region": "iad", "machine": machine}
+    region_labels = {"fly_app": "shop", "fly_region": "iad", "state": "healthy"}
+    assert registry.get_sample_value("flywatch_machine_healthy", machine_labels) == 1
+    assert registry.get_sample_value("flywatch_region_health", region_labels) == 1
+
+    watch.forget("shop")
+    exported = {
+        sample.labels["fly_app"]
+        for name in ("flywatch_machine_healthy", "flywatch_region_health")
+        for family in registry.collect()
+        if family.name == name
+        for sample in family.samples
+    }
+    assert exported == {"other"}  # the other app's series stay
+    again = (await rounds(watch, fly, 1)).machines[machine]
+    assert "Fly checks passing" in again.reason, again.reason  # one probe of healthy_after=2: no history
+    assert "status 200" in (await rounds(watch, fly, 1, app="other")).machines.popitem()[1].reason

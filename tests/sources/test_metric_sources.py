@@ -238,6 +238,43 @@ async def test_metric_watch_staleness_and_missing(
         await scraper.aclose()
 
 
+async def test_metric_watch_forget_starts_the_app_afresh(
+    manual_control: httpx.AsyncClient, manual_fly: MachinesClient, clock: ManualClock
+) -> None:
+    """After forget, the app's value series are gone, no sample read before is served as fresh, and its
+    counters need two scrapes again for a rate (as after a restart); another app keeps its own."""
+    registry = CollectorRegistry()
+    scraper = Scraper(clock)
+    watch = MetricWatch(clock, scraper, metrics=SourceMetrics(registry))
+    spec = MetricSpec(
+        name="rps", source=ScrapeSpec(name="app_http_requests_total", labels={"status": "200"}), max_age=60
+    )
+    try:
+        await make_app(manual_control, base_latency=0.01, regions={"iad": 2}, load={"iad": 30})
+        await make_app(manual_control, "other", base_latency=0.01, regions={"cdg": 1}, load={"cdg": 10})
+        shop, other = await manual_fly.list_machines("shop"), await manual_fly.list_machines("other")
+        await watch.read("shop", shop, ["iad"], spec)
+        await watch.read("other", other, ["cdg"], spec)
+        await clock.advance(10)
+        assert (await watch.read("shop", shop, ["iad"], spec)).values == pytest.approx({"iad": 30.0})
+        assert (await watch.read("other", other, ["cdg"], spec)).values == pytest.approx({"cdg": 10.0})
+        labels = {"fly_app": "shop", "fly_region": "iad", "metric": "rps"}
+        assert registry.get_sample_value("flywatch_metric_value", labels) == pytest.approx(30.0)
+
+        watch.forget("shop")
+        assert registry.get_sample_value("flywatch_metric_value", labels) is None
+        other_labels = {"fly_app": "other", "fly_region": "cdg", "metric": "rps"}
+        assert registry.get_sample_value("flywatch_metric_value", other_labels) == pytest.approx(10.0)
+        await clock.advance(5)
+        again = await watch.read("shop", shop, ["iad"], spec)
+        assert again.values == {}  # a first scrape of a counter: no rate, and no 5 s old sample instead
+        assert again.samples == {}
+        await clock.advance(5)
+        assert (await watch.read("shop", shop, ["iad"], spec)).values == pytest.approx({"iad": 30.0})
+    finally:
+        await scraper.aclose()
+
+
 async def test_metric_watch_machine_counts_and_unconfigured_promql(
     control: httpx.AsyncClient, fly: MachinesClient
 ) -> None:

@@ -469,3 +469,57 @@ async def test_promql_against_prometheus(
     finally:
         await reader.aclose()
         await promql.aclose()
+
+
+async def test_forget_makes_the_next_read_a_first_read(
+    manual_control: httpx.AsyncClient, manual_fly: MachinesClient, clock: ManualClock
+) -> None:
+    """After forget, a machine's next read is first sight (absent: no increase against the stale total),
+    and only the app forgotten starts afresh."""
+    await make_app(manual_control, base_latency=0.01, regions={"iad": 1}, load={"iad": 20})
+    await make_app(manual_control, "other", base_latency=0.01, regions={"cdg": 1}, load={"cdg": 10})
+    shop, other = await manual_fly.list_machines("shop"), await manual_fly.list_machines("other")
+    reader = TrafficReader(clock)
+    try:
+        await reader.read("shop", shop, SPEC)
+        await reader.read("other", other, SPEC)
+        await clock.advance(10)
+        assert set((await reader.read("shop", shop, SPEC)).machines) == {shop[0].id}
+        reader.forget("shop")
+        await clock.advance(10)
+        again = await reader.read("shop", shop, SPEC)
+        assert again.machines == {}  # first sight again: absent, never the 10 s since the stale total
+        assert again.errors == {}
+        kept = await reader.read("other", other, SPEC)
+        assert kept.machines[other[0].id].requests == pytest.approx(200.0)  # 20 s since its last read
+        await clock.advance(10)
+        assert (await reader.read("shop", shop, SPEC)).machines[shop[0].id].requests == pytest.approx(200.0)
+    finally:
+        await reader.aclose()
+
+
+async def test_forget_restarts_the_promql_window() -> None:
+    """After forget, the next PromQL read of the app covers the spec's first window, not the time since a
+    read made before it was forgotten."""
+    clock = ManualClock()
+    seen: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request.url.params["query"])
+        return _answer([])
+
+    promql = PromQL("http://prom.invalid", clock, transport=httpx.MockTransport(handler))
+    reader = TrafficReader(clock, promql)
+    spec = TrafficSpec(source="promql", latency=None)
+    try:
+        await reader.read("shop", [fake_machine("m1")], spec)
+        await clock.advance(12)
+        await reader.read("shop", [fake_machine("m1")], spec)
+        assert seen[-1].endswith("[12s]))")
+        reader.forget("shop")
+        await clock.advance(600)
+        await reader.read("shop", [fake_machine("m1")], spec)
+        assert seen[-1].endswith("[30s]))")  # the first window again, not 600 s
+    finally:
+        await reader.aclose()
+        await promql.aclose()
