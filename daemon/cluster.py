@@ -416,4 +416,3 @@ def member_name(configured: str | None, machine: str | None, host: str, token: s
     the process before it (which may still be acting, frozen, somewhere) for its own."""
     base = (configured or machine or host or "flywatch").strip() or "flywatch"
     return f"{base}/{token}"
-
