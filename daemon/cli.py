@@ -158,6 +158,8 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _settings(args: argparse.Namespace) -> Settings:
+    from pydantic import ValidationError  # noqa: PLC0415
+
     from daemon.settings import Settings  # noqa: PLC0415 - pydantic-settings only for the commands that need it
 
     overrides: dict[str, object] = {}
@@ -165,7 +167,15 @@ def _settings(args: argparse.Namespace) -> Settings:
         overrides["config"] = args.config
     if getattr(args, "dry_run", False):
         overrides["dry_run"] = True
-    return Settings(**overrides)  # type: ignore[arg-type]
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        # each bad setting by the variable it came from; never its value (it may be a URL with a password)
+        for error in exc.errors():
+            name = str(error["loc"][0]) if error["loc"] else "settings"
+            variable = name if name.isupper() else f"FLYWATCH_{name.upper()}"
+            print(f"flywatch: {variable}: {error['msg']}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def _check(args: argparse.Namespace) -> int:
@@ -187,10 +197,14 @@ def _check(args: argparse.Namespace) -> int:
 def _run_daemon(args: argparse.Namespace) -> int:
     from daemon.app import Daemon  # noqa: PLC0415
     from daemon.config import PolicyError  # noqa: PLC0415
+    from daemon.store import StoreError  # noqa: PLC0415
+    from daemon.store.postgres import url_secrets  # noqa: PLC0415
     from daemon.telemetry.logging import configure_logging, register_secret  # noqa: PLC0415
 
     settings = _settings(args)
     configure_logging(settings.log_format)
+    for password in url_secrets(settings.state_url):
+        register_secret(password)  # a PostgreSQL state URL's password never appears in a log line
     for secret in (settings.fly_api_token, settings.prometheus_token):
         if secret is not None:
             register_secret(secret.get_secret_value())
@@ -202,7 +216,7 @@ def _run_daemon(args: argparse.Namespace) -> int:
         for problem in exc.problems:
             print(problem, file=sys.stderr)
         return 1
-    except OSError as exc:
+    except (OSError, StoreError) as exc:  # a StoreError names the store, never its password
         print(f"flywatch run: {exc}", file=sys.stderr)
         return 1
 

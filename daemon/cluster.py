@@ -267,12 +267,22 @@ class Cluster:
         while True:
             pause = _PENDING_EVERY if self._wants - set(self._held) else self.timing.heartbeat
             self._wake.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=pause)
+            await self._pause(pause)
             try:
                 await self.beat()
             except Exception:  # a bug must not end the heartbeat: the leases would lapse one by one
                 log.exception("cluster heartbeat failed unexpectedly")
+
+    async def _pause(self, seconds: float) -> None:
+        """Sleep on the clock for `seconds`, or until set_apps wakes us."""
+        timer = asyncio.ensure_future(self._clock.sleep(seconds))
+        woken = asyncio.ensure_future(self._wake.wait())
+        try:
+            await asyncio.wait({timer, woken}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (timer, woken):
+                task.cancel()
+            await asyncio.gather(timer, woken, return_exceptions=True)
 
     async def beat(self) -> None:
         """One look: renew the membership, work out our share, give up, renew and take leases."""

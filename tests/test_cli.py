@@ -300,6 +300,43 @@ def test_bad_arguments_exit_2(capsys: pytest.CaptureFixture[str], args: list[str
     assert "usage: flywatch" in err
 
 
+@pytest.mark.parametrize(
+    ("variable", "value", "says"),
+    [
+        ("FLYWATCH_TAKEOVER", "1", "greater than or equal to 2"),
+        ("FLYWATCH_TAKEOVER", "soon", "valid number"),
+        ("FLYWATCH_DRY_RUN", "perhaps", "valid boolean"),
+    ],
+)
+def test_a_bad_setting_exits_2_naming_the_variable(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], variable: str, value: str, says: str
+) -> None:
+    """A setting from the environment that is not valid: exit 2, one line naming the variable and what is
+    wrong, no traceback and not the value (a setting may be a URL with a password)."""
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(SystemExit) as exited:
+        main(["run"])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert f"flywatch: {variable}: " in err
+    assert says in err
+    assert "Traceback" not in err
+
+
+def test_a_state_store_that_cannot_be_opened_exits_1_without_its_password(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    policy = tmp_path / "flywatch.yaml"
+    policy.write_text(Path("config/demo.yaml").read_text(encoding="utf-8"), encoding="utf-8")
+    monkeypatch.setenv("FLYWATCH_CONFIG", str(policy))
+    monkeypatch.setenv("FLYWATCH_LISTEN", "127.0.0.1:0")
+    monkeypatch.setenv("FLYWATCH_STATE_URL", "postgresql://flywatch:hunter2-pw@127.0.0.1:1/state")
+    assert main(["run"]) == 1
+    err = capsys.readouterr().err
+    assert "flywatch run: PostgreSQL store postgresql://flywatch:***@127.0.0.1:1/state: cannot open" in err
+    assert "hunter2" not in err
+
+
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     """`flywatch --version` prints the package version and exits 0."""
     with pytest.raises(SystemExit) as exited:

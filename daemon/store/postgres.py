@@ -109,7 +109,7 @@ class _PostgresConnection(SqlConnection):
 
 def _connect(url: str, name: str) -> tuple[psycopg.Connection[Any], tuple[str, ...]]:
     """An autocommit connection to `url` with the schema in place, and the URL's secrets; StoreError."""
-    secrets = _secrets(url)
+    secrets = url_secrets(url)
     conninfo = postgres_conninfo(url)
     connection: psycopg.Connection[Any] | None = None
     try:
@@ -310,7 +310,7 @@ def _connect_defaults(conninfo: str) -> dict[str, Any]:
     return {} if "connect_timeout" in conninfo else {"connect_timeout": _CONNECT_TIMEOUT}
 
 
-def _secrets(url: str) -> tuple[str, ...]:
+def url_secrets(url: str) -> tuple[str, ...]:
     """The URL's password, as written and percent-decoded, to scrub from driver messages (libpq quotes parts
     of a URL it cannot parse). Found as crudely as redact_url finds it, so a password holding / # @ counts."""
     found: list[str] = []
