@@ -374,7 +374,12 @@ class Cluster:
         if self._metrics is not None:
             live = sum(1 for m in self._roster.members if m.live)
             self._metrics.show(
-                self.member, self.region, up=self.joined, owned=len(self.owned()), members=live
+                self.member,
+                self.region,
+                up=self.joined,
+                owned=len(self.owned()),
+                members=live,
+                unowned=len(self._apps - set(self._roster.owners)),
             )
 
     @property

@@ -237,7 +237,7 @@ class ClusterMetrics:
             "flywatch_instance_up",
             "1 while this instance is a live member (alone, or its membership renewed in the database in"
             " time), 0 while it is cut off and acts on nothing.",
-            ["member", "region"],
+            ["member", "fly_region"],
             registry=registry,
         )
         self.owned = Gauge(
@@ -249,6 +249,12 @@ class ClusterMetrics:
         self.members = Gauge(
             "flywatch_cluster_members",
             "The live members this instance saw at its last heartbeat (itself included).",
+            registry=registry,
+        )
+        self.unowned = Gauge(
+            "flywatch_unowned_apps",
+            "Apps of the policy no live member held a lease of at this instance's last heartbeat: no one"
+            " watches them (for a heartbeat or two during a handover; longer is an outage of flywatch).",
             registry=registry,
         )
         self.changes = Counter(
@@ -267,7 +273,7 @@ class ClusterMetrics:
         )
         self._shown: tuple[str, str] | None = None
 
-    def show(self, member: str, region: str, *, up: bool, owned: int, members: int) -> None:
+    def show(self, member: str, region: str, *, up: bool, owned: int, members: int, unowned: int = 0) -> None:
         if self._shown is not None and self._shown != (member, region):
             self.up.remove(*self._shown)
             self.owned.remove(self._shown[0])
@@ -275,3 +281,4 @@ class ClusterMetrics:
         self.up.labels(member, region).set(1 if up else 0)
         self.owned.labels(member).set(owned)
         self.members.set(members)
+        self.unowned.set(unowned)

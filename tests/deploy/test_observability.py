@@ -67,6 +67,8 @@ ALERT_AFTER_SCENARIO = {
     "FlywatchRollbackFailed": False,
     "FlywatchApiRateLimited": True,
     "FlywatchPolicyReloadFailed": True,
+    "FlywatchInstanceCutOff": False,
+    "FlywatchAppsUnowned": False,
 }
 QUERY_DEADLINE = 15.0  # seconds Prometheus may take to answer a query with data (rate() needs 2 scrapes)
 
