@@ -117,6 +117,8 @@ def render_explain(
             row.append(_cell(_mapping(regions[name]).get("health_reason")))
         headers = ["REGION", "DESIRED", "RANGE", "MACHINES", "HEALTH", "METRIC", "AGE", "HEALTH REASON"]
         lines.extend(_table(headers, rows, indent="  ") if rows else ["  no regions"])
+    elif (owner := _owner_elsewhere(app, _mapping(status.get("cluster")))) is not None:
+        lines.append(f"{_cell(app)}: watched by {_cell(owner)}, another instance: ask that one")
     elif app in _list(_mapping(status.get("policy")).get("apps")):
         lines.append(f"{_cell(app)}  never ticked")
     else:
@@ -284,6 +286,44 @@ def _header(status: Mapping[str, Any], now: float | None) -> list[str]:
     )
     if policy.get("last_error"):
         lines.append(f"policy error: {_cell(policy['last_error'])}")
+    lines.extend(_cluster_lines(_mapping(status.get("cluster")), now))
+    return lines
+
+
+def _owner_elsewhere(app: str, cluster: Mapping[str, Any]) -> str | None:
+    """The member holding `app` when that is another instance than the one asked."""
+    owner = _mapping(cluster.get("owners")).get(app)
+    return str(owner) if owner and owner != cluster.get("member") else None
+
+
+def _cluster_lines(cluster: Mapping[str, Any], now: float | None) -> list[str]:
+    """Several instances on one PostgreSQL: who this one is, and each member with the apps it holds."""
+    if cluster.get("mode") != "cluster":
+        return []
+    owners = _mapping(cluster.get("owners"))
+    unowned = sum(1 for owner in owners.values() if not owner)
+    joined = "a live member" if _truthy(cluster.get("joined")) else "CUT OFF (acts on nothing)"
+    heartbeat = _when(cluster.get("last_heartbeat"), now)
+    first = (
+        f"cluster: this is {_cell(cluster.get('member'))} ({_cell(cluster.get('region'))}), {joined},"
+        f" holding {_cell(cluster.get('owned'))} of {len(owners)} apps; takeover within"
+        f" {_cell(cluster.get('takeover_seconds'))}s; last heartbeat {heartbeat}"
+    )
+    lines = [first]
+    if cluster.get("last_error"):
+        lines.append(f"cluster error: {_cell(cluster['last_error'])}")
+    if unowned:
+        lines.append(f"cluster: {unowned} app(s) held by no live member")
+    rows = [
+        [
+            _cell(m.get("member")) + (" (this one)" if _truthy(m.get("me")) else ""),
+            _cell(m.get("region")),
+            "live" if _truthy(m.get("live")) else "gone",
+            _cell(m.get("apps")),
+        ]
+        for m in (_mapping(item) for item in _list(cluster.get("members")))
+    ]
+    lines.extend(_table(["MEMBER", "REGION", "STATE", "APPS"], rows, indent="  "))
     return lines
 
 

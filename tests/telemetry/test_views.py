@@ -290,6 +290,62 @@ def test_explain_an_app_in_the_policy_that_never_ticked() -> None:
     assert render_explain("blog", status, []).splitlines()[0] == "blog  never ticked"
 
 
+def cluster_status() -> dict[str, Any]:
+    status = example_status()
+    status["policy"]["apps"].extend(["blog", "wiki"])
+    status["cluster"] = {
+        "mode": "cluster",
+        "member": "a/1f2e3d",
+        "region": "iad",
+        "joined": True,
+        "takeover_seconds": 15.0,
+        "last_heartbeat": T0 - 2,
+        "last_error": "",
+        "owned": 1,
+        "members": [
+            {"member": "a/1f2e3d", "region": "iad", "live": True, "apps": 1, "me": True},
+            {"member": "b/4c5b6a", "region": "cdg", "live": True, "apps": 1, "me": False},
+            {"member": "c/0a0b0c", "region": "nrt", "live": False, "apps": 0, "me": False},
+        ],
+        "owners": {"shop": "a/1f2e3d", "blog": "b/4c5b6a", "wiki": None},
+    }
+    return status
+
+
+def test_status_of_a_cluster_member_says_who_it_is_and_who_holds_how_many_apps() -> None:
+    text = render_status(cluster_status(), now=T0)
+    assert (
+        "cluster: this is a/1f2e3d (iad), a live member, holding 1 of 3 apps; takeover within 15.0s;"
+        " last heartbeat 2026-09-21T14:13:18Z (2.0s ago)" in text
+    )
+    assert "cluster: 1 app(s) held by no live member" in text
+    assert row_of(text, "a/1f2e3d").split() == ["a/1f2e3d", "(this", "one)", "iad", "live", "1"]
+    assert row_of(text, "b/4c5b6a").split() == ["b/4c5b6a", "cdg", "live", "1"]
+    assert row_of(text, "c/0a0b0c").split() == ["c/0a0b0c", "nrt", "gone", "0"]
+
+
+def test_status_of_a_member_cut_off_says_so() -> None:
+    status = cluster_status()
+    status["cluster"] |= {"joined": False, "last_error": "PostgreSQL leases: connection refused"}
+    text = render_status(status, now=T0)
+    assert "a live member" not in text
+    assert "CUT OFF (acts on nothing)" in text
+    assert "cluster error: PostgreSQL leases: connection refused" in text
+
+
+def test_status_of_an_instance_alone_has_no_cluster_lines() -> None:
+    status = example_status() | {"cluster": {"mode": "single", "member": "a/1f2e3d", "owned": 1}}
+    assert "cluster" not in render_status(status, now=T0)
+
+
+def test_explain_an_app_another_instance_holds_names_that_instance() -> None:
+    status = cluster_status()
+    assert render_explain("blog", status, []).splitlines()[0] == (
+        "blog: watched by b/4c5b6a, another instance: ask that one"
+    )
+    assert render_explain("wiki", status, []).splitlines()[0] == "wiki  never ticked"
+
+
 def test_explain_says_dry_run_and_policy_error() -> None:
     """In dry run, and with a policy that failed to load, explain says so first."""
     status = example_status() | {"dry_run": True}
