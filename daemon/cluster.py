@@ -332,12 +332,8 @@ class Cluster:
                 self._releasing[app] = held.epoch
         for app in wanted:
             self._releasing.pop(app, None)  # taken back (the policy, or the members, changed again)
-        if lapsed:
-            log.warning("lost %d app(s) whose leases lapsed: %s", len(lapsed), _some(lapsed))
-            self._count("lost", len(lapsed))
-        if moved:
-            log.info("handing %d app(s) over to their new owners: %s", len(moved), _some(moved))
-            self._count("released", len(moved))
+        self._tell("lost", lapsed, "lost %d app(s) whose leases lapsed: %s", logging.WARNING)
+        self._tell("released", moved, "handing %d app(s) over to their new owners: %s")
         if lapsed or moved:
             self._on_change(set(), lapsed | moved)
 
@@ -351,12 +347,8 @@ class Cluster:
         for app, epoch in acquired.items():
             self._held[app] = _Held(epoch, until)
             self._epochs[app] = epoch
-        if taken:
-            log.warning("lost %d app(s) another member holds now: %s", len(taken), _some(taken))
-            self._count("lost", len(taken))
-        if acquired:
-            log.info("took %d app(s): %s", len(acquired), _some(acquired))
-            self._count("gained", len(acquired))
+        self._tell("lost", taken, "lost %d app(s) another member holds now: %s", logging.WARNING)
+        self._tell("gained", set(acquired), "took %d app(s): %s")
         return taken
 
     def _failed(self, exc: StoreError) -> None:
@@ -366,9 +358,13 @@ class Cluster:
             self._metrics.heartbeat_failures.inc()
         self._show()
 
-    def _count(self, change: str, n: int) -> None:
-        if self._metrics is not None and n:
-            self._metrics.changes.labels(change).inc(n)
+    def _tell(self, change: str, apps: set[str], message: str, level: int = logging.INFO) -> None:
+        """Log and count apps changing hands (`message` takes their number and some of their names)."""
+        if not apps:
+            return
+        log.log(level, message, len(apps), _some(apps))
+        if self._metrics is not None:
+            self._metrics.changes.labels(change).inc(len(apps))
 
     def _show(self) -> None:
         if self._metrics is not None:
