@@ -20,8 +20,8 @@ for an instance that is frozen or cut off and comes back:
 
 Takeover: the lease lasts `takeover - 1.25 * heartbeat` (heartbeat = takeover / 5), so once an owner stops,
 its leases have expired and another member has looked again within `takeover` seconds (15 s by default).
-A member that has apps of its share it could not take yet looks again sooner (every second), so a handover
-between live members takes a heartbeat or two, not a whole takeover.
+A member that has apps of its share it could not take yet looks again sooner (every second, or every heartbeat
+if that is shorter), so a handover between live members takes a heartbeat or two, not a whole takeover.
 """
 
 from __future__ import annotations
@@ -265,7 +265,8 @@ class Cluster:
 
     async def _run(self) -> None:
         while True:
-            pause = _PENDING_EVERY if self._wants - set(self._held) else self.timing.heartbeat
+            heartbeat = self.timing.heartbeat
+            pause = min(_PENDING_EVERY, heartbeat) if self._wants - set(self._held) else heartbeat
             self._wake.clear()
             await self._pause(pause)
             try:
