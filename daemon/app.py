@@ -40,7 +40,7 @@ from daemon.sources.probes import Prober
 from daemon.sources.prometheus import PromQL
 from daemon.sources.scrape import Scraper
 from daemon.sources.traffic import TrafficReader
-from daemon.store import PostgresStore, open_store
+from daemon.store import PostgresStore, StoreError, open_store
 from daemon.store.base import Store
 from daemon.store.postgres import PostgresLeases
 from daemon.telemetry.logging import register_secret
@@ -187,6 +187,12 @@ class Daemon:
         member = member_name(settings.instance, settings.machine_id, platform.node(), secrets.token_hex(3))
         metrics = ClusterMetrics(self.registry)
         if not isinstance(store, PostgresStore):
+            if settings.cluster:
+                raise StoreError(
+                    "FLYWATCH_CLUSTER is set, so this instance is one of several, but its state is"
+                    f" {store!r}: set FLYWATCH_STATE_URL to the PostgreSQL they share (alone on this store,"
+                    " every instance would act on every app)"
+                )
             return SoleOwnership(member, settings.region, metrics)
         leases = PostgresLeases.open(settings.state_url)  # a connection of its own: heartbeats never queue
         self._closers.append(leases.close)

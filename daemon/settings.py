@@ -39,6 +39,9 @@ class Settings(BaseSettings):
     # several instances on one PostgreSQL state (cluster.py): at most this many seconds from an owner's end
     # to another instance acting on its apps
     takeover: float = Field(default=15.0, ge=2.0, le=600.0)  # FLYWATCH_TAKEOVER
+    # FLYWATCH_CLUSTER=true: this instance is one of several, so it refuses to start on any state but
+    # PostgreSQL (alone on SQLite, each machine would act on every app)
+    cluster: bool = False
     instance: str | None = None  # FLYWATCH_INSTANCE: this instance's name; default the Fly machine's id
     machine_id: str | None = Field(default=None, validation_alias=AliasChoices("FLY_MACHINE_ID"))
     region: str = Field(default="local", validation_alias=AliasChoices("FLYWATCH_REGION", "FLY_REGION"))

@@ -337,6 +337,22 @@ def test_a_state_store_that_cannot_be_opened_exits_1_without_its_password(
     assert "hunter2" not in err
 
 
+def test_an_instance_meant_for_a_cluster_refuses_to_start_alone(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """FLYWATCH_CLUSTER=true on a SQLite state (a forgotten secret): exit 1 before acting on anything."""
+    policy = tmp_path / "flywatch.yaml"
+    policy.write_text(Path("config/demo.yaml").read_text(encoding="utf-8"), encoding="utf-8")
+    monkeypatch.setenv("FLYWATCH_CONFIG", str(policy))
+    monkeypatch.setenv("FLYWATCH_LISTEN", "127.0.0.1:0")
+    monkeypatch.setenv("FLYWATCH_STATE_URL", f"sqlite:///{tmp_path / 'state.db'}")
+    monkeypatch.setenv("FLYWATCH_CLUSTER", "true")
+    assert main(["run"]) == 1
+    err = capsys.readouterr().err
+    assert "flywatch run: FLYWATCH_CLUSTER is set" in err
+    assert "set FLYWATCH_STATE_URL to the PostgreSQL they share" in err
+
+
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     """`flywatch --version` prints the package version and exits 0."""
     with pytest.raises(SystemExit) as exited:

@@ -18,6 +18,7 @@ one database can hold several flywatch states (`?options=-csearch_path%3Dname`).
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -99,16 +100,29 @@ class _PostgresConnection(SqlConnection):
     # ValueError: psycopg refusing a NUL in a parameter
     ERRORS = (psycopg.Error, OverflowError, UnicodeError, ValueError)
 
-    def __init__(self, connection: psycopg.Connection[Any], name: str, secrets: tuple[str, ...]) -> None:
+    def __init__(
+        self, connection: psycopg.Connection[Any], name: str, secrets: tuple[str, ...], conninfo: str = ""
+    ) -> None:
         super().__init__(connection, name)
         self._secrets = secrets
+        self._conninfo = conninfo  # to connect again (it holds the password: never shown)
 
     def _scrub(self, message: str) -> str:
         return _scrub(message, self._secrets)  # libpq quotes parts of a URL it cannot parse
 
+    def _reopened(self, connection: psycopg.Connection[Any]) -> psycopg.Connection[Any]:
+        # A connection psycopg has seen break stays broken: without this, one server restart would cut an
+        # instance off for good. A failure here is the statement's StoreError; the next call tries again.
+        if not (connection.broken or connection.closed) or not self._conninfo:
+            return connection
+        with contextlib.suppress(psycopg.Error):
+            connection.close()
+        return psycopg.connect(self._conninfo, autocommit=True, **_connect_defaults(self._conninfo))
 
-def _connect(url: str, name: str) -> tuple[psycopg.Connection[Any], tuple[str, ...]]:
-    """An autocommit connection to `url` with the schema in place, and the URL's secrets; StoreError."""
+
+def _connect(url: str, name: str) -> tuple[psycopg.Connection[Any], tuple[str, ...], str]:
+    """An autocommit connection to `url` with the schema in place, the URL's secrets, and the conninfo to
+    connect again with; StoreError."""
     secrets = url_secrets(url)
     conninfo = postgres_conninfo(url)
     connection: psycopg.Connection[Any] | None = None
@@ -123,7 +137,7 @@ def _connect(url: str, name: str) -> tuple[psycopg.Connection[Any], tuple[str, .
         if connection is not None:
             connection.close()
         raise
-    return connection, secrets
+    return connection, secrets, conninfo
 
 
 class PostgresStore(SqlStore, _PostgresConnection):
@@ -140,8 +154,8 @@ class PostgresStore(SqlStore, _PostgresConnection):
         Blocking: meant for startup, before the event loop has work to do.
         """
         name = f"PostgreSQL store {redact_url(url)}"
-        connection, secrets = _connect(url, name)
-        return cls(connection, name, secrets)
+        connection, secrets, conninfo = _connect(url, name)
+        return cls(connection, name, secrets, conninfo)
 
     def _fenced(
         self, connection: psycopg.Connection[Any], fence: Fence, work: Callable[[Any], _T]
@@ -197,8 +211,8 @@ class PostgresLeases(_PostgresConnection):
     @classmethod
     def open(cls, url: str) -> PostgresLeases:
         name = f"PostgreSQL leases {redact_url(url)}"
-        connection, secrets = _connect(url, name)
-        return cls(connection, name, secrets)
+        connection, secrets, conninfo = _connect(url, name)
+        return cls(connection, name, secrets, conninfo)
 
     async def join(self, member: str, region: str, started_at: float, ttl: float) -> Roster:
         """Renew `member`'s row for `ttl` seconds; the roster as it stands."""
@@ -305,9 +319,20 @@ def _columns(held: dict[str, int]) -> tuple[list[str], list[int]]:
     return apps, [held[app] for app in apps]
 
 
+_KEEPALIVES = {  # a server that vanishes without closing the connection is noticed within ~15 s, not hours
+    "keepalives": 1,
+    "keepalives_idle": 5,
+    "keepalives_interval": 2,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 15_000,  # ms: a statement sent into a black hole fails, and the next call reconnects
+}
+
+
 def _connect_defaults(conninfo: str) -> dict[str, Any]:
-    """connect_timeout, unless the URL sets it: a host that drops packets fails at startup, not never."""
-    return {} if "connect_timeout" in conninfo else {"connect_timeout": _CONNECT_TIMEOUT}
+    """connect_timeout and TCP keepalives, each unless the URL sets it: a host that drops packets fails at
+    startup, and a connection that stops answering fails its statement, instead of hanging for ever."""
+    defaults: dict[str, Any] = {"connect_timeout": _CONNECT_TIMEOUT, **_KEEPALIVES}
+    return {name: value for name, value in defaults.items() if name not in conninfo}
 
 
 def url_secrets(url: str) -> tuple[str, ...]:

@@ -51,6 +51,12 @@ class SqlConnection:
         """A driver's message fit for an error (a backend whose driver may quote a secret cuts it out)."""
         return message
 
+    def _reopened(self, connection: Any) -> Any:
+        """The connection to use for the next statement: `connection`, or a new one in its place when the
+        old one broke (a server restart, a failover, a network reset). A backend that cannot reconnect
+        returns it as it is."""
+        return connection
+
     def _fenced(self, connection: Any, fence: Fence, work: Callable[[Any], _T]) -> _T | None:  # noqa: ARG002
         """Run `work` in one transaction with a check that `fence` holds, or None (and nothing done) if it
         does not. A backend without leases (a single instance's store) refuses every fence."""
@@ -79,6 +85,7 @@ class SqlConnection:
             if self._connection is None:
                 raise StoreError(f"{self._name}: {what}: the store is closed")
             try:
+                self._connection = self._reopened(self._connection)
                 if fence is None:
                     return work(self._connection)
                 done = self._fenced(self._connection, fence, lambda connection: (work(connection),))

@@ -1,9 +1,10 @@
-"""flywatch packaged as a private Fly app: the Dockerfile, fly.toml and deploy/deploy.sh.
+"""flywatch packaged as a private Fly app: the Dockerfile, fly.toml, deploy/fly.ha.toml and deploy/deploy.sh.
 
-No Docker engine runs here, so the Dockerfile is linted by hadolint and its stages are read. fly.toml is
-validated against Fly's JSON schema (../shared/reference/fly-toml.schema.json) with check-jsonschema, and what
-the schema leaves open (top-level [checks]) is checked here. deploy.sh runs against a fake `flyctl` on PATH
-that logs every call and answers JSON the way flyctl does.
+No Docker engine runs here, so the Dockerfile is linted by hadolint and its stages are read. fly.toml (one
+machine on a volume, SQLite) and deploy/fly.ha.toml (several machines on PostgreSQL) are validated against
+Fly's JSON schema (../shared/reference/fly-toml.schema.json) with check-jsonschema, and what the schema leaves
+open (top-level [checks]) is checked here, as are the settings they and the runbook name. deploy.sh runs
+against a fake `flyctl` on PATH that logs every call and answers JSON the way flyctl does.
 """
 
 from __future__ import annotations
@@ -20,8 +21,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import AliasChoices
 
 from daemon.app import _STOP_GRACE, _UNWIND_GRACE
+from daemon.cluster import DEFAULT_TAKEOVER, Timing
 from daemon.settings import Settings
 from daemon.telemetry.server import parse_listen
 from tests.support.contract import reference_dir
@@ -29,6 +32,10 @@ from tests.support.contract import reference_dir
 ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = ROOT / "Dockerfile"
 FLY_TOML = ROOT / "fly.toml"
+FLY_HA_TOML = ROOT / "deploy" / "fly.ha.toml"
+RUNBOOK = ROOT / "deploy" / "README.md"
+HA_SECTION = "## High availability: several instances on PostgreSQL"
+FLY_CONFIGS = pytest.mark.parametrize("config_path", [FLY_TOML, FLY_HA_TOML], ids=["fly.toml", "fly.ha.toml"])
 DEPLOY_SH = ROOT / "deploy" / "deploy.sh"
 BASH = shutil.which("bash") or "/bin/bash"
 
@@ -184,6 +191,37 @@ def fly_toml() -> dict[str, Any]:
     return tomllib.loads(FLY_TOML.read_text())
 
 
+def fly_ha_toml() -> dict[str, Any]:
+    return tomllib.loads(FLY_HA_TOML.read_text())
+
+
+def setting_variables() -> set[str]:
+    """The environment variables Settings reads: FLYWATCH_<FIELD>, or a field's own aliases instead (so
+    FLY_MACHINE_ID counts and FLYWATCH_MACHINE_ID does not: Settings never reads that one)."""
+    prefix = str(Settings.model_config.get("env_prefix", ""))
+    names: set[str] = set()
+    for name, field in Settings.model_fields.items():
+        alias = field.validation_alias
+        if isinstance(alias, AliasChoices):
+            names.update(choice for choice in alias.choices if isinstance(choice, str))
+        elif isinstance(alias, str):
+            names.add(alias)
+        else:
+            names.add(f"{prefix}{name}".upper())
+    return names
+
+
+def string_values(node: Any) -> list[str]:
+    """Every string value in a parsed TOML document, however deep."""
+    if isinstance(node, str):
+        return [node]
+    if isinstance(node, dict):
+        return [s for value in node.values() for s in string_values(value)]
+    if isinstance(node, list):
+        return [s for value in node for s in string_values(value)]
+    return []
+
+
 def seconds(value: int | str) -> float:
     """A fly.toml duration: a number of seconds, or "75s", "2m", "500ms"."""
     if isinstance(value, int):
@@ -192,12 +230,13 @@ def seconds(value: int | str) -> float:
     return float(number) * {"ms": 0.001, "s": 1, "m": 60, "h": 3600, None: 1}[unit]
 
 
-def test_fly_toml_validates_against_the_fly_schema() -> None:
-    """check-jsonschema finds fly.toml valid against ../shared/reference/fly-toml.schema.json."""
+@FLY_CONFIGS
+def test_fly_toml_validates_against_the_fly_schema(config_path: Path) -> None:
+    """check-jsonschema finds fly.toml and fly.ha.toml valid against Fly's schema (../shared/reference)."""
     schema = reference_dir() / "fly-toml.schema.json"
     assert schema.exists(), f"the schema is missing: {schema}"
     result = subprocess.run(  # noqa: S603 - a dev tool on our own file
-        [tool("check-jsonschema"), "--schemafile", str(schema), str(FLY_TOML)],
+        [tool("check-jsonschema"), "--schemafile", str(schema), str(config_path)],
         capture_output=True,
         text=True,
         check=False,
@@ -205,9 +244,10 @@ def test_fly_toml_validates_against_the_fly_schema() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_fly_toml_has_no_public_service() -> None:
+@FLY_CONFIGS
+def test_fly_toml_has_no_public_service(config_path: Path) -> None:
     """No [http_service] and no [[services]]: nothing reaches flywatch from outside the private network."""
-    config = fly_toml()
+    config = tomllib.loads(config_path.read_text())
     assert "http_service" not in config
     assert "services" not in config
 
@@ -241,9 +281,11 @@ def test_fly_toml_keeps_the_state_on_the_volume() -> None:
     assert config["env"]["FLYWATCH_STATE_URL"] == "sqlite:////data/flywatch.db"
 
 
-def test_fly_toml_kill_timeout_lets_a_tick_in_flight_finish() -> None:
-    """kill_timeout (top level, not inside a table) outlasts the daemon's SIGTERM grace, and it is >= 60 s."""
-    config = fly_toml()
+@FLY_CONFIGS
+def test_fly_toml_kill_timeout_lets_a_tick_in_flight_finish(config_path: Path) -> None:
+    """kill_timeout (top level, not inside a table) outlasts the daemon's SIGTERM grace, and it is >= 60 s: on
+    several machines too, where the ticks finishing is what lets the instance give its leases up cleanly."""
+    config = tomllib.loads(config_path.read_text())
     assert config["kill_signal"] == "SIGTERM"
     timeout = seconds(config["kill_timeout"])
     assert timeout >= 60
@@ -251,11 +293,14 @@ def test_fly_toml_kill_timeout_lets_a_tick_in_flight_finish() -> None:
     assert timeout <= 300  # Fly's maximum
 
 
-def test_fly_toml_env_holds_known_settings_and_no_secret(monkeypatch: pytest.MonkeyPatch) -> None:
+@FLY_CONFIGS
+def test_fly_toml_env_holds_known_settings_and_no_secret(
+    monkeypatch: pytest.MonkeyPatch, config_path: Path
+) -> None:
     """Every [env] key is a flywatch setting, none is a secret, and Settings reads them as intended."""
-    env = fly_toml()["env"]
+    env = tomllib.loads(config_path.read_text())["env"]
     assert not {"FLY_API_TOKEN", "FLYWATCH_FLY_API_TOKEN", "FLYWATCH_PROMETHEUS_TOKEN"} & env.keys()
-    known = {f"FLYWATCH_{name.upper()}" for name in Settings.model_fields}
+    known = setting_variables()
     assert set(env) <= known, set(env) - known
     for key, value in env.items():
         monkeypatch.setenv(key, value)
@@ -263,6 +308,123 @@ def test_fly_toml_env_holds_known_settings_and_no_secret(monkeypatch: pytest.Mon
     assert settings.machines_api_url == "http://_api.internal:4280"
     assert settings.log_format == "json"
     assert settings.dry_run is False
+
+
+# --- deploy/fly.ha.toml and the runbook's high availability -----------------------------------------------
+
+
+def test_fly_ha_toml_has_no_volume() -> None:
+    """No [[mounts]]: the state is in PostgreSQL, so no machine is pinned to a volume (nor to its host)."""
+    config = fly_ha_toml()
+    assert "mounts" not in config
+    assert "/data" not in string_values(config)
+
+
+def test_fly_ha_toml_keeps_the_state_url_out_of_the_file() -> None:
+    """FLYWATCH_STATE_URL is a secret (it holds the database's password): not in [env], and no PostgreSQL URL
+    is set anywhere in the file (the ones in its comments are placeholders)."""
+    config = fly_ha_toml()
+    assert "FLYWATCH_STATE_URL" not in config["env"]
+    assert not [s for s in string_values(config) if s.lower().startswith(("postgres", "sqlite"))]
+
+
+def test_fly_ha_toml_exposes_metrics_and_checks_where_flywatch_listens() -> None:
+    """[metrics] and every check are on the port of FLYWATCH_LISTEN, /metrics the path."""
+    config = fly_ha_toml()
+    _, port = parse_listen(config["env"]["FLYWATCH_LISTEN"])
+    assert config["metrics"] == {"port": port, "path": "/metrics"}
+    assert {check["port"] for check in config["checks"].values()} == {port}
+
+
+def test_fly_ha_toml_checks_healthz_and_readyz() -> None:
+    """Top-level http checks (they route and restart nothing) on /healthz and /readyz: fly deploy waits for a
+    new machine to have rejoined the cluster before it takes the next one down."""
+    checks = fly_ha_toml()["checks"]
+    for check in checks.values():
+        assert {"port", "type"} <= check.keys(), check
+        assert check["type"] == "http", check
+        assert seconds(check["timeout"]) < seconds(check["interval"]), check
+    assert sorted(check["path"] for check in checks.values()) == ["/healthz", "/readyz"]
+
+
+def test_fly_ha_toml_deploys_one_machine_at_a_time() -> None:
+    """Rolling (not Fly's default canary, whose extra machine would be one more live member), one machine
+    unavailable at a time, so the others hold its apps while it is replaced."""
+    deploy = fly_ha_toml()["deploy"]
+    assert deploy["strategy"] == "rolling"
+    assert deploy["max_unavailable"] == 1
+
+
+def test_fly_ha_toml_builds_the_repository_dockerfile() -> None:
+    """flyctl reads [build] dockerfile relative to the config file: from deploy/, that is ../Dockerfile."""
+    dockerfile = fly_ha_toml()["build"]["dockerfile"]
+    assert (FLY_HA_TOML.parent / dockerfile).resolve() == DOCKERFILE.resolve()
+
+
+def test_fly_ha_toml_is_fly_toml_but_for_the_state() -> None:
+    """The same app, region, VM, signal and grace, metrics, liveness check and settings as fly.toml: only the
+    state (no volume, no SQLite URL, FLYWATCH_CLUSTER so that a missing PostgreSQL URL stops the start), the
+    deploy strategy and the readiness check differ."""
+    single, ha = fly_toml(), fly_ha_toml()
+    for key in ("app", "primary_region", "kill_signal", "kill_timeout", "metrics", "vm"):
+        assert ha[key] == single[key], key
+    assert ha["checks"]["healthz"] == single["checks"]["healthz"]
+    assert ha["env"] == {k: v for k, v in single["env"].items() if k != "FLYWATCH_STATE_URL"} | {
+        "FLYWATCH_CLUSTER": "true"
+    }
+
+
+def test_every_flywatch_variable_the_deploy_files_name_is_a_setting() -> None:
+    """Each FLYWATCH_* named in fly.toml, deploy/fly.ha.toml (comments included) and the runbook is one
+    Settings reads, but for FLYWATCH_POLICY: the secret the runbook writes to a file with [[files]]."""
+    not_settings = {"FLYWATCH_POLICY"}
+    known = setting_variables()
+    for path in (FLY_TOML, FLY_HA_TOML, RUNBOOK):
+        named = set(re.findall(r"\bFLYWATCH_[A-Z][A-Z0-9_]*[A-Z0-9]\b", path.read_text()))
+        assert named, path
+        assert named - not_settings <= known, (path.name, named - not_settings - known)
+    ha_named = set(re.findall(r"\bFLYWATCH_[A-Z_]+", FLY_HA_TOML.read_text()))
+    assert {"FLYWATCH_STATE_URL", "FLYWATCH_TAKEOVER", "FLYWATCH_INSTANCE", "FLYWATCH_REGION"} <= ha_named
+
+
+def ha_runbook() -> str:
+    """The runbook's high-availability section, up to the next section of the same level."""
+    text = RUNBOOK.read_text()
+    assert HA_SECTION in text
+    section = text[text.index(HA_SECTION) + len(HA_SECTION) :]
+    return section.split("\n## ", 1)[0]
+
+
+def test_ha_runbook_sets_the_state_url_before_the_first_deploy() -> None:
+    """The database's URL goes in as a secret, under the name flywatch reads, and is checked before the
+    first `fly deploy -c deploy/fly.ha.toml`: without it the image's SQLite default makes each machine a lone
+    daemon acting on every app."""
+    section = ha_runbook()
+    first_deploy = section.index("fly deploy -c deploy/fly.ha.toml")
+    assert section.index("FLYWATCH_STATE_URL='postgresql://") < first_deploy
+    assert section.index("fly secrets list -a flywatch") < first_deploy
+    assert "--variable-name FLYWATCH_STATE_URL" in section
+    assert "--variable-name FLYWATCH_STATE_URL" in FLY_HA_TOML.read_text()
+
+
+def test_ha_runbook_stops_the_single_instance_before_the_cluster_starts() -> None:
+    """Moving from SQLite: the single machine is removed before the cluster's first deploy (it knows nothing
+    of the cluster and would act next to it), and the runbook says the state does not move."""
+    section = ha_runbook()
+    move = section[section.index("### From the single machine") :]
+    assert move.index("fly scale count 0 -a flywatch") < move.index("fly deploy -c deploy/fly.ha.toml")
+    assert "The state does not move" in move
+
+
+def test_ha_runbook_times_are_the_clusters() -> None:
+    """The heartbeat, lease and stop-acting times the runbook gives for the default takeover: cluster.py's."""
+    timing = Timing(DEFAULT_TAKEOVER)
+    section = ha_runbook()
+    assert f"({DEFAULT_TAKEOVER:g} by default" in section
+    assert f"takeover/5 = {timing.heartbeat:g} s" in section
+    assert f"{timing.lease:g} s" in section
+    assert f"within {timing.lease - timing.margin:g} s (lease" in section
+    assert Settings(_env_file=None).takeover == DEFAULT_TAKEOVER  # type: ignore[call-arg]
 
 
 # --- deploy/deploy.sh -------------------------------------------------------------------------------------

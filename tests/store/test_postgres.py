@@ -11,7 +11,7 @@ import psycopg
 import pytest
 
 from daemon.store import PostgresStore, StoreError, open_store
-from daemon.store.postgres import SCHEMA_VERSION
+from daemon.store.postgres import SCHEMA_VERSION, PostgresLeases
 from tests.store.conftest import new_postgres_schema, postgres_schema_url, require_postgres
 
 
@@ -186,3 +186,37 @@ async def test_a_key_postgresql_cannot_hold_is_a_store_error(url: str, key: str)
         assert await store.get("state", "fine") == {"n": 1}
     finally:
         await store.close()
+
+
+def _terminate(url: str, pid: int) -> None:
+    with psycopg.connect(url, autocommit=True) as connection:
+        connection.execute("SELECT pg_terminate_backend(%s)", (pid,))
+
+
+async def test_a_store_whose_connection_the_server_dropped_connects_again(url: str) -> None:
+    """A server restart, a failover or a reset drops the connection: the statement caught in it fails (a
+    StoreError, as any), and the next call connects again instead of failing for ever."""
+    store = open_store(url)
+    assert isinstance(store, PostgresStore)
+    try:
+        await store.put("state", "k", {"n": 1})
+        _terminate(url, store._connection.info.backend_pid)
+        with pytest.raises(StoreError, match="put state"):
+            await store.put("state", "k", {"n": 2})
+        await store.put("state", "k", {"n": 3})
+        assert await store.get("state", "k") == {"n": 3}
+    finally:
+        await store.close()
+
+
+async def test_the_lease_table_connects_again_after_its_connection_was_dropped(url: str) -> None:
+    leases = PostgresLeases.open(url)
+    try:
+        await leases.join("a/1", "iad", 0.0, 5.0)
+        _terminate(url, leases._connection.info.backend_pid)
+        with pytest.raises(StoreError):
+            await leases.join("a/1", "iad", 0.0, 5.0)
+        roster = await leases.join("a/1", "iad", 0.0, 5.0)
+        assert [m.member for m in roster.members if m.live] == ["a/1"]
+    finally:
+        await leases.close()
