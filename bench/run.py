@@ -1,21 +1,26 @@
 """Run every benchmark and write BENCHMARKS.md with the figures and the machine they ran on.
 
 make bench            (or: .venv/bin/python -m bench.run)
+.venv/bin/python -m bench.run cluster ticks     only the named benchmarks: their sections of BENCHMARKS.md
+                                                are rewritten (each saying when and on what it ran alone),
+                                                the others kept as they are
 """
 
 from __future__ import annotations
 
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
 import textwrap
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench import probes, rollback, scale_up, ticks
+from bench import cluster, probes, rollback, scale_up, ticks
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -305,24 +310,191 @@ def rollback_section(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main() -> int:
-    started = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
-    sections = [
-        scale_up_section(scale_up.run()),
-        probes_section(probes.run()),
-        ticks_section(ticks.run()),
-        rollback_section(rollback.run()),
+def _cores(cpu: dict[str, float]) -> str:
+    return ", ".join(f"{cpu[k]:.2f}" for k in ("flywatch", "simulator", "postgres", "other"))
+
+
+def cluster_section(result: dict[str, Any]) -> str:
+    apps, interval, rows = result["apps"], result["scaling_interval"], result["throughput"]
+    one = next((r["ticks_per_second"] for r in rows if r["count"] == 1 and r["converged_seconds"]), None)
+    lines = [
+        f"## Several instances on one PostgreSQL: {apps:,} apps over one to three, and takeover",
+        "",
+        *_paragraph(
+            f"""`bench/cluster.py`: a `flywatch sim` process (Fly's rate limits off, no machine listening,
+            as for the whole ticks above) serves {apps:,} apps of one started machine in each of
+            {" and ".join(result["regions"])}. One policy holds them all: scaling every {interval:g} s on the
+            count of started machines with a target that makes every tick a hold ({apps / interval:,.0f}
+            reconcile ticks/s asked for), health probed once an hour (one round at start). `flywatch run`
+            processes, configured by their environment with the default FLYWATCH_TAKEOVER, share one fresh
+            PostgreSQL schema and are added one at a time. With each, the benchmark waits (up to
+            {result["converge"]:g} s) until every app is owned by exactly one instance (their /status
+            `cluster` → `owners`, all seeing the same live members), waits {result["settle"]:g} s more, then
+            counts the reconcile ticks each completed over {result["window"]:g} s
+            (flywatch_tick_duration_seconds_count); cores busy are read from /proc over the same window. This
+            machine has {result["cores"]} cores, and the simulator, the instances and PostgreSQL (and whatever
+            else runs on it: "other") compete for them, so instances cannot add up here as they would on
+            machines of their own."""
+        ),
+        "",
+        (
+            "| instances | apps per instance | reconcile ticks/s | vs one instance | mean tick (s)"
+            " | cores busy: flywatch, simulator, PostgreSQL, other | every app owned after (s) |"
+        ),
+        "| ---: | --- | ---: | ---: | ---: | --- | ---: |",
     ]
-    text = "\n".join(
-        [
-            "# Benchmarks",
+    notes = []
+    for row in rows:
+        count, per, total = row["count"], row["instances"], row["ticks_per_second"]
+        settled = row["converged_seconds"] is not None and not row["moved_during_window"]
+        spread = " / ".join(str(p["apps"]) for p in per) if settled else "never settled"
+        rate = "no answer" if total is None else f"{total:,.1f}"
+        ratio = f"{total / one:.2f}x" if settled and one and total is not None else "n/a"
+        ticks = sum(p.get("ticks", 0.0) for p in per)
+        spent = sum((p.get("mean_tick_seconds") or 0.0) * p.get("ticks", 0.0) for p in per)
+        mean = f"{spent / ticks:.2f}" if ticks else "n/a"
+        owned = (
+            f"{row['converged_seconds']:.1f}"
+            if row["converged_seconds"] is not None
+            else "not within the wait"
+        )
+        lines.append(f"| {count} | {spread} | {rate} | {ratio} | {mean} | {_cores(row['cpu'])} | {owned} |")
+        if not settled:
+            lapses = sum(p["lapses"] for p in per)
+            silent = [p["instance"] for p in per if not p["answered"]]
+            notes.append(
+                f"With {count}: the leases lapsed {lapses} times ({sum(p['apps_lapsed'] for p in per):,}"
+                " apps dropped, by the instances' logs)"
+                + (f"; {', '.join(silent)} did not answer /metrics within 10 s" if silent else "")
+                + "."
+            )
+    if notes:
+        lines += [
             "",
-            f"Written by `make bench` on {started}.",
-            f"Machine: {_machine()}.",
-            "",
-            *sections,
+            *_paragraph(
+                f"""Not settled: the instances never agreed, within the wait, that every app was owned. An
+                instance acts on an app only while its lease was renewed lately enough (until the lease less
+                a heartbeat after the renewal was sent: {cluster.DEFAULT_TAKEOVER * 0.55:g} s at the default
+                takeover); when its event loop
+                is held up longer than that, it drops every app and takes them again at its next look. The
+                ticks it counted are what it did meanwhile. """
+                + " ".join(notes)
+            ),
         ]
-    )
+    takeover = result["takeover"]
+    if takeover:
+        runs = takeover["runs"]
+
+        def times(how: str, key: str) -> list[float]:
+            return [float(r[key]) for r in runs if r["how"] == how]
+
+        bound = takeover["takeover"]
+        beat = bound / 5
+        lease = bound - 1.25 * beat
+        lines += [
+            "",
+            *_paragraph(
+                f"""Takeover: three instances over {takeover["apps"]} of those apps, FLYWATCH_TAKEOVER at
+                its default {bound:g} s (a heartbeat every {beat:g} s, leases of {lease:g} s). The owner of
+                the most apps is stopped; the two others' /status is polled every 100 ms until each of its
+                apps shows as owned by one of them. Times from the signal: the median of the runs
+                (lowest-highest)."""
+            ),
+            "",
+            "| the owner | runs | its apps | all of them owned again (s) | the first of them (s) | bound |",
+            "| --- | ---: | ---: | ---: | ---: | --- |",
+        ]
+        for how, what, limit in (
+            ("kill", "killed (SIGKILL)", f"{bound:g} s (FLYWATCH_TAKEOVER)"),
+            ("term", "stopped (SIGTERM): gives its leases up", f"its stop, then a heartbeat ({beat:g} s)"),
+        ):
+            if times(how, "all_seconds"):
+                lines.append(
+                    f"| {what} | {len(times(how, 'all_seconds'))} | {_spread(times(how, 'apps'), 0)}"
+                    f" | {_spread(times(how, 'all_seconds'), 2)} | {_spread(times(how, 'first_seconds'), 2)}"
+                    f" | {limit} |"
+                )
+        k8s = takeover["kubernetes"]
+        exits = times("term", "exited_seconds")
+        stopped = (
+            f" A stopped instance lets its ticks in flight finish first (it exited {_spread(exits, 2)} s"
+            " after the signal)."
+            if exits
+            else ""
+        )
+        lines += [
+            "",
+            *_paragraph(
+                f"""After a kill, the leases run out {lease - beat:g}-{lease:g} s later (they were renewed up
+                to a heartbeat before it) and a survivor takes them at its next look (up to a heartbeat later,
+                then every second while it waits for them): within {bound:g} s.{stopped} No peer to
+                compare with: fly-autoscaler and the other autoscalers for Fly run as
+                one process and have no takeover. For context only, not measured: Kubernetes' leader election
+                as its own components set it (lease {k8s["lease_duration"]:g} s, renew deadline
+                {k8s["renew_deadline"]:g} s, a retry every {k8s["retry_period"]:g} s) lets a standby take
+                over about {k8s["lease_duration"]:g} s after the leader's last renewal, plus up to one
+                retry."""
+            ),
+        ]
+    lines += ["", f"The whole benchmark took {result['seconds']:.0f} s.", ""]
+    return "\n".join(lines)
+
+
+# Every benchmark, in the order of BENCHMARKS.md: how it runs, and how its section reads. Each section names
+# its module (`bench/NAME.py`) in its first lines: that is how a run of some of them finds theirs to rewrite.
+BENCHMARKS: dict[str, tuple[Callable[[], dict[str, Any]], Callable[[dict[str, Any]], str]]] = {
+    "scale_up": (scale_up.run, scale_up_section),
+    "probes": (probes.run, probes_section),
+    "ticks": (ticks.run, ticks_section),
+    "rollback": (rollback.run, rollback_section),
+    "cluster": (cluster.run, cluster_section),
+}
+_NAMED = re.compile(r"`bench/(\w+)\.py`")
+
+
+def _rewrite(names: list[str], started: str) -> str:
+    """BENCHMARKS.md with the sections of `names` run again (each saying so), the others as they are; a
+    section not there yet is added at the end. The file is read once the benchmarks are over."""
+    fresh = {}
+    for name in names:
+        run, render = BENCHMARKS[name]
+        heading, _, body = render(run()).rstrip("\n").partition("\n")
+        note = f"_Run alone by `python -m bench.run {name}` on {started}; machine: {_machine()}._"
+        fresh[name] = f"{heading}\n\n{note}\n{body}"
+    path = ROOT / "BENCHMARKS.md"
+    old = path.read_text() if path.exists() else "# Benchmarks\n\nWritten by `make bench` (not yet run).\n"
+    head, *sections = re.split(r"(?m)^(?=## )", old)
+    parts = [head.rstrip("\n")] + [s.rstrip("\n") for s in sections]
+    for name, section in fresh.items():
+        found = [i for i, s in enumerate(parts) if i and (m := _NAMED.search(s)) and m.group(1) == name]
+        if found:
+            parts[found[0]] = section
+        else:
+            parts.append(section)
+    return "\n\n".join(parts) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    names = sys.argv[1:] if argv is None else argv
+    unknown = [name for name in names if name not in BENCHMARKS]
+    if unknown:
+        sys.stderr.write(f"unknown benchmark(s): {', '.join(unknown)}; known: {', '.join(BENCHMARKS)}\n")
+        return 2
+    started = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    if names:
+        text = _rewrite(list(dict.fromkeys(names)), started)
+    else:
+        sections = [render(run()) for run, render in BENCHMARKS.values()]
+        text = "\n".join(
+            [
+                "# Benchmarks",
+                "",
+                f"Written by `make bench` on {started}.",
+                f"Machine: {_machine()}.",
+                "",
+                *sections,
+            ]
+        )
     (ROOT / "BENCHMARKS.md").write_text(text)
     sys.stdout.write(text)
     return 0

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import hmac
 import logging
 import platform
@@ -41,7 +42,7 @@ from daemon.sources.prometheus import PromQL
 from daemon.sources.scrape import Scraper
 from daemon.sources.traffic import TrafficReader
 from daemon.store import PostgresStore, StoreError, open_store
-from daemon.store.base import Store
+from daemon.store.base import Fence, Store
 from daemon.store.postgres import PostgresLeases
 from daemon.telemetry.logging import register_secret
 from daemon.telemetry.metrics import (
@@ -56,6 +57,10 @@ from daemon.telemetry.metrics import (
 from daemon.telemetry.server import TelemetryServer
 
 log = logging.getLogger("flywatch")
+# The lease a tick began under (None alone): its writes carry that fence and its requests need that epoch,
+# so a tick that outlived a lapse of its lease never acts or writes under the lease taken afresh after it.
+# A context variable: set in the tick's own task, inherited by the tasks it starts.
+_TICK: contextvars.ContextVar[Fence | None] = contextvars.ContextVar("flywatch_tick_lease", default=None)
 _STOP_GRACE = 60.0  # seconds the ticks in flight get to finish on SIGTERM
 _UNWIND_GRACE = 5.0  # seconds the ticks cancelled after it get to unwind
 _WATCH_EVERY = 2.0  # seconds between looks at the policy file
@@ -109,7 +114,7 @@ class Daemon:
             token,
             clock=self.clock,
             metrics=ApiMetrics(self.registry),
-            guard=self.ownership.may_act,  # nothing is changed on an app this instance does not hold
+            guard=self._may_act,  # nothing is changed on an app this instance does not hold
             user_agent=f"flywatch/{__version__} ({self.ownership.member})",
         )
         self._closers.append(client.aclose)
@@ -139,7 +144,7 @@ class Daemon:
             self.clock,
             ReleaseMetrics(self.registry),
             self.alerter,
-            fence=self.ownership.fence,
+            fence=self._fence,
         )
         self.reconciler = Reconciler(
             client,
@@ -151,7 +156,7 @@ class Daemon:
             ReconcilerMetrics(self.registry),
             self.releases,
             self.alerter,
-            fence=self.ownership.fence,
+            fence=self._fence,
         )
         self.server = TelemetryServer(
             self.registry,
@@ -213,6 +218,14 @@ class Daemon:
         log.debug("ownership changed: +%d -%d app(s)", len(gained), len(lost))
         self._schedule()
 
+    def _may_act(self, app: str) -> str | None:
+        tick = _TICK.get()
+        return self.ownership.may_act(app, tick.epoch if tick is not None and tick.app == app else None)
+
+    def _fence(self, app: str) -> Fence | None:
+        tick = _TICK.get()
+        return tick if tick is not None and tick.app == app else self.ownership.fence(app)
+
     def _busy(self, app: str) -> bool:
         return app in self._in_flight.values()
 
@@ -261,12 +274,14 @@ class Daemon:
         task = asyncio.current_task()
         if task is not None:
             self._in_flight[task] = app
+        lease = _TICK.set(self.ownership.fence(app))
         try:
             if kind == "probe":
                 await self.reconciler.probe(app, policy)
             else:
                 await self.reconciler.reconcile(app, policy)
         finally:
+            _TICK.reset(lease)
             if task is not None:
                 self._in_flight.pop(task, None)
             if app in self._unforgotten:

@@ -57,8 +57,9 @@ class Ownership(Protocol):
         """The apps this instance may act on now."""
         ...
 
-    def may_act(self, app: str) -> str | None:
-        """None when this instance may act on `app` now; else why not."""
+    def may_act(self, app: str, epoch: int | None = None) -> str | None:
+        """None when this instance may act on `app` now (and, given `epoch`, still holds it at that epoch:
+        a tick begun under one lease never acts under the next); else why not."""
         ...
 
     def fence(self, app: str) -> Fence | None:
@@ -92,7 +93,7 @@ class SoleOwnership:
     def owned(self) -> set[str]:
         return set(self._apps)
 
-    def may_act(self, app: str) -> str | None:
+    def may_act(self, app: str, epoch: int | None = None) -> str | None:  # noqa: ARG002 - no one else
         return None if app in self._apps else f"{app} is not an app of the policy"
 
     def fence(self, app: str) -> Fence | None:  # noqa: ARG002 - no one else to fence off
@@ -218,11 +219,13 @@ class Cluster:
         now = self._clock.monotonic()
         return {app for app, held in self._held.items() if held.until > now}
 
-    def may_act(self, app: str) -> str | None:
+    def may_act(self, app: str, epoch: int | None = None) -> str | None:
         held = self._held.get(app)
         if held is None:
             owner = self._roster.owners.get(app)
             return f"{app} is not ours: " + (f"{owner} owns it" if owner else "no lease held")
+        if epoch is not None and held.epoch != epoch:
+            return f"{app}'s lease changed hands since this tick began (epoch {epoch}, now {held.epoch})"
         left = held.until - self._clock.monotonic()
         if left <= 0:
             return f"{app}'s lease was renewed too long ago to act on (the database may not be answering)"

@@ -239,8 +239,9 @@ class Flywatch:
         )
         return env
 
-    def spawn(self, *, dry_run: bool = False) -> Daemon:
-        """A new daemon process (not yet ready); its output goes to a log file in tmp_path."""
+    def spawn(self, *, dry_run: bool = False, env: dict[str, str] | None = None) -> Daemon:
+        """A new daemon process (not yet ready); its output goes to a log file in tmp_path. `env`: more
+        environment variables (FLYWATCH_INSTANCE, say), over the harness's own."""
         if not self.policy_path.exists():
             self.write_policy(policy())
         port = free_port()
@@ -249,7 +250,7 @@ class Flywatch:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "daemon", "run"],
                 cwd=self.dir,  # no .env file of the checkout is read
-                env=self.environment(f"127.0.0.1:{port}", dry_run=dry_run),
+                env={**self.environment(f"127.0.0.1:{port}", dry_run=dry_run), **(env or {})},
                 stdout=out,
                 stderr=subprocess.STDOUT,
             )
@@ -257,9 +258,9 @@ class Flywatch:
         self.daemons.append(daemon)
         return daemon
 
-    async def start(self, *, dry_run: bool = False) -> Daemon:
+    async def start(self, *, dry_run: bool = False, env: dict[str, str] | None = None) -> Daemon:
         """A new daemon process, once /readyz says it is ready."""
-        daemon = self.spawn(dry_run=dry_run)
+        daemon = self.spawn(dry_run=dry_run, env=env)
         await daemon.wait_ready()
         return daemon
 
