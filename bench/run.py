@@ -318,7 +318,7 @@ def cluster_section(result: dict[str, Any]) -> str:
     apps, interval, rows = result["apps"], result["scaling_interval"], result["throughput"]
     one = next((r["ticks_per_second"] for r in rows if r["count"] == 1 and r["converged_seconds"]), None)
     lines = [
-        f"## Several instances on one PostgreSQL: {apps:,} apps over one to three, and takeover",
+        f"## Several instances on one PostgreSQL: {apps:,} apps on one to three, and takeover",
         "",
         *_paragraph(
             f"""`bench/cluster.py`: a `flywatch sim` process (Fly's rate limits off, no machine listening,
@@ -363,8 +363,8 @@ def cluster_section(result: dict[str, Any]) -> str:
             lapses = sum(p["lapses"] for p in per)
             silent = [p["instance"] for p in per if not p["answered"]]
             notes.append(
-                f"With {count}: the leases lapsed {lapses} times ({sum(p['apps_lapsed'] for p in per):,}"
-                " apps dropped, by the instances' logs)"
+                f"With {count} instance{'s' if count > 1 else ''}: leases lapsed {lapses} times since they"
+                f" started ({sum(p['apps_lapsed'] for p in per):,} apps dropped, from their logs)"
                 + (f"; {', '.join(silent)} did not answer /metrics within 10 s" if silent else "")
                 + "."
             )
