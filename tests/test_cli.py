@@ -323,13 +323,18 @@ def test_a_bad_setting_exits_2_naming_the_variable(
     assert "Traceback" not in err
 
 
-def test_a_state_store_that_cannot_be_opened_exits_1_without_its_password(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
-) -> None:
+def _run_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """`flywatch run` with the demo's policy (a copy in tmp_path) and a telemetry port of its own."""
     policy = tmp_path / "flywatch.yaml"
     policy.write_text(Path("config/demo.yaml").read_text(encoding="utf-8"), encoding="utf-8")
     monkeypatch.setenv("FLYWATCH_CONFIG", str(policy))
     monkeypatch.setenv("FLYWATCH_LISTEN", "127.0.0.1:0")
+
+
+def test_a_state_store_that_cannot_be_opened_exits_1_without_its_password(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    _run_environment(monkeypatch, tmp_path)
     monkeypatch.setenv("FLYWATCH_STATE_URL", "postgresql://flywatch:hunter2-pw@127.0.0.1:1/state")
     assert main(["run"]) == 1
     err = capsys.readouterr().err
@@ -341,10 +346,7 @@ def test_an_instance_meant_for_a_cluster_refuses_to_start_alone(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
     """FLYWATCH_CLUSTER=true on a SQLite state (a forgotten secret): exit 1 before acting on anything."""
-    policy = tmp_path / "flywatch.yaml"
-    policy.write_text(Path("config/demo.yaml").read_text(encoding="utf-8"), encoding="utf-8")
-    monkeypatch.setenv("FLYWATCH_CONFIG", str(policy))
-    monkeypatch.setenv("FLYWATCH_LISTEN", "127.0.0.1:0")
+    _run_environment(monkeypatch, tmp_path)
     monkeypatch.setenv("FLYWATCH_STATE_URL", f"sqlite:///{tmp_path / 'state.db'}")
     monkeypatch.setenv("FLYWATCH_CLUSTER", "true")
     assert main(["run"]) == 1
