@@ -249,6 +249,8 @@ class Daemon:
         assert self.loaded is not None  # noqa: S101 - start() loads it first
         self.ownership.set_apps(self.loaded.policy.apps)
         owned = self.ownership.owned()
+        # held again before the tick that kept it from being forgotten ended: what is known of it stays
+        self._unforgotten -= owned
         wanted = set()
         for app, policy in self.loaded.policy.apps.items():
             if app not in owned:

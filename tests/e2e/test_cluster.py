@@ -37,6 +37,7 @@ from daemon.store.postgres import PostgresStore
 from tests.e2e.conftest import (
     API_TIME,
     CAPACITY,
+    HEALTH_INTERVAL,
     LATENCY,
     SCALING_INTERVAL,
     STOP,
@@ -819,6 +820,19 @@ async def test_sigstop_of_an_owner_its_apps_move_and_once_resumed_it_acts_only_o
         assert takes[-1].epoch >= epochs[app] + 2, takes  # an other's epoch, then its own again
         regained[app] = takes[-1].at - resumed
     print(report("held again after SIGCONT (lease table)", regained))  # noqa: T201
+    # what it knows of an app it holds again stays known: once a probe round or two has judged it afresh,
+    # every decision it makes on it has the region's health (the tick it was frozen in, ending after the
+    # app was its own again, once dropped all it knew of the app, so that later decisions saw "unknown")
+    judged = 3 * HEALTH_INTERVAL + HEALTH_TIMEOUT + SCHEDULING
+    blind = [
+        f"{r['app']}/{r['region']} decided {r['at'] - resumed:.2f}s after SIGCONT:"
+        f" health unknown ({r['inputs'].get('health_reason')})"
+        for _, r in logged_decisions(victim.daemon)
+        if r["app"] in its_apps
+        and r["at"] >= leases.takes(r["app"], since=frozen)[-1].at + judged
+        and r["inputs"].get("health") == "unknown"
+    ]
+    assert not blind, "decisions without health on apps it held again:\n" + "\n".join(blind)
     if released:
         print(f"{len(released)} machine lease(s) it released after SIGCONT (the guard lets that through)")  # noqa: T201
     assert Instance.owned(await victim.daemon.status()) == its_apps
