@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, assert_never
 
 from daemon.clock import Clock
@@ -131,21 +131,32 @@ class Actuator:
     async def execute(self, plan: Sequence[Action]) -> list[ActionResult]:
         """Carry out every action, in plan order. Apps run at once; one app's actions run one after the
         other, because the app-wide rules (the last machine of the current release, region minimums) hold
-        only if no two of its actions choose machines at the same time. Never raises."""
+        only if no two of its actions choose machines at the same time. Never raises, but NotOwner (as
+        run)."""
         by_app: dict[str, list[int]] = {}
         for index, action in enumerate(plan):
             by_app.setdefault(action.app, []).append(index)
         results: list[ActionResult | None] = [None] * len(plan)
 
+        not_ours: list[errors.NotOwner] = []
+
         async def run_app(indexes: list[int]) -> None:
             for index in indexes:
-                results[index] = await self.run(plan[index])
+                try:
+                    results[index] = await self.run(plan[index])
+                except errors.NotOwner as exc:
+                    not_ours.append(exc)  # the app is no longer ours: none of its actions go on
+                    return
 
         await asyncio.gather(*(run_app(indexes) for indexes in by_app.values()))
+        if not_ours:
+            raise not_ours[0]
         return [result for result in results if result is not None]
 
     async def run(self, action: Action) -> ActionResult:
-        """One action, to its end. Never raises: whatever goes wrong is the action's failure, with why."""
+        """One action, to its end. Whatever goes wrong is the action's failure, with why; but an app that
+        is no longer this instance's (NotOwner, raised before anything was sent) ends the action at once,
+        raised: no step after it is tried, and nothing of it is this instance's to record."""
         try:
             if isinstance(action, ScaleUp):
                 result = await self._scale_up(action)
@@ -157,6 +168,10 @@ class Actuator:
                 result = await self._destroy(action)
             else:
                 assert_never(action)
+        except errors.NotOwner as exc:
+            where = f"{action.app}/{action.region or '-'}"
+            log.info("action %s %s: stopped, not sent: %s", action.kind, where, exc)
+            raise
         except errors.FlyApiError as exc:
             result = ActionResult(action=action, outcome=Outcome.FAILED, reason=f"Machines API: {exc}")
         except Exception as exc:
@@ -233,7 +248,7 @@ class Actuator:
                 )
                 would.append(f"create {missing} {origin} in {action.region}")
             return self._dry(action, would)
-        steps = list(await asyncio.gather(*(self._start(action.app, by_id[m.id]) for m in starts)))
+        steps = await _each(self._start(action.app, by_id[m.id]) for m in starts)
         missing = action.count - sum(1 for s in steps if s.outcome is Outcome.DONE)
         if _held_by_others(steps):
             # someone (a deploy) is working on this app: clones made now would race it; wait a tick
@@ -334,7 +349,7 @@ class Actuator:
             would = [f"{_effective_mode(action, v.has_volume).value} {v.id}" for v in victims]
             return self._dry(action, would + ([note] if note else []))
         # a machine someone else holds is skipped, and no other goes in its place: never work around a deploy
-        steps = list(await asyncio.gather(*(self._take_down(action, by_id[v.id]) for v in victims)))
+        steps = await _each(self._take_down(action, by_id[v.id]) for v in victims)
         if victims and len(victims) < action.count:
             # a safety rule held some back: taking down the rest is all this action may do, not a failure
             note = f"only {len(victims)} of {action.count} may go: {note}"
@@ -396,7 +411,7 @@ class Actuator:
             if stopped_by:
                 steps.extend(MachineStep(t.machine_id, "update", Outcome.SKIPPED, stopped_by) for t in chunk)
                 continue
-            results = await asyncio.gather(*(self._update_one(action.app, target) for target in chunk))
+            results = await _each(self._update_one(action.app, target) for target in chunk)
             steps.extend(results)
             failed = [s for s in results if s.outcome is Outcome.FAILED]
             if failed:
@@ -446,9 +461,7 @@ class Actuator:
     async def _destroy(self, action: Destroy) -> ActionResult:
         if self.dry_run:
             return self._dry(action, [f"destroy {mid}" for mid in action.machine_ids])
-        steps = list(
-            await asyncio.gather(*(self._destroy_one(action.app, mid) for mid in action.machine_ids))
-        )
+        steps = await _each(self._destroy_one(action.app, mid) for mid in action.machine_ids)
         return summarise(action, steps, len(action.machine_ids))
 
     async def _destroy_one(self, app: str, machine_id: str) -> MachineStep:
@@ -541,6 +554,17 @@ _PASSING = (
     errors.LeaseLost,
     errors.VersionConflict,
 )
+
+
+async def _each(steps: Iterable[Awaitable[MachineStep]]) -> list[MachineStep]:
+    """Run steps at once and wait for every one of them, also when one raises (NotOwner: the app is no
+    longer ours): no step is left running on its own once its action is over, and the first error raised
+    is raised then."""
+    done = await asyncio.gather(*steps, return_exceptions=True)
+    for result in done:
+        if isinstance(result, BaseException):
+            raise result
+    return [result for result in done if not isinstance(result, BaseException)]
 
 
 def _passing(exc: Exception) -> bool:

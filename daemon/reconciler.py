@@ -369,6 +369,8 @@ class Reconciler:
             return Hold()
         try:
             return await self._releases.tick(app, policy, machines, health)
+        except (FencedError, errors.NotOwner):
+            raise  # the app changed hands: the whole tick stops (reconcile says so)
         except Exception as exc:
             # with the release watch blind, nothing says a release is not failing: scaling holds too
             self._metrics.tick_errors.labels(app, "release").inc()

@@ -27,6 +27,7 @@ from daemon.core.plan import (
     ScaleDownMode,
     ScaleUp,
 )
+from daemon.fly import errors
 from daemon.fly.client import IDEMPOTENCY_KEY, NO_BACKOFF, MachinesClient, RetryPolicy
 from daemon.sim.api import Exchange
 from daemon.sim.model import SimSettings
@@ -58,8 +59,11 @@ async def build(sim: SimServer) -> AsyncIterator[Build]:
         dry_run: bool = False,
         timeout: float = 30.0,
         wait_timeout: float = 5,
+        guard: Callable[[str], str | None] | None = None,
     ) -> Actuator:
-        client = MachinesClient(sim.api_url, TOKEN, clock=SystemClock(), retry=retry, timeout=timeout)
+        client = MachinesClient(
+            sim.api_url, TOKEN, clock=SystemClock(), retry=retry, timeout=timeout, guard=guard
+        )
         clients.append(client)
         return Actuator(client, SystemClock(), dry_run=dry_run, wait_timeout=wait_timeout, lease_ttl=5)
 
@@ -311,6 +315,35 @@ async def test_scale_up_clones_a_healthy_current_machine_into_the_region(
     creates = await mutations(control, "create")
     assert [m["region"] for m in creates] == ["cdg", "cdg"]
     assert_all_leased(wire)
+    assert await leases(api) == {}
+
+
+async def test_an_app_lost_mid_action_ends_it_at_once_and_no_step_after_is_tried(
+    build: Build, sim: SimServer, api: httpx.AsyncClient, control: httpx.AsyncClient, wire: list[Exchange]
+) -> None:
+    """The client's guard says the app is no longer ours once the first create of three is answered: the
+    action ends there, raised as NotOwner (not a failed step that the next create follows), the plan's
+    next action is not tried either, and nothing more is sent but the release of the create's lease."""
+    await make_app(control, regions={"iad": 1})
+    lost = asyncio.Event()
+
+    def guard(name: str) -> str | None:
+        return "b/2f00aa owns it" if lost.is_set() and name == APP else None
+
+    def lose_after_first_create(exchange: Exchange) -> None:
+        if exchange.operation == "Machines_create" and exchange.status == 200:
+            lost.set()
+
+    sim.observers.append(lose_after_first_create)
+    actuator = build(guard=guard)
+    with pytest.raises(errors.NotOwner, match="b/2f00aa owns it"):
+        await actuator.execute(
+            [ScaleUp(APP, "iad", 3, reason="load"), ScaleUp(APP, "cdg", 1, reason="load in cdg")]
+        )
+    assert [m["region"] for m in await mutations(control, "create")] == ["iad"]
+    sent = [e.operation for e in wire if e.method != "GET"]
+    assert sent.count("Machines_create") == 1, sent
+    assert set(sent) == {"Machines_create", "Machines_release_lease"}, sent
     assert await leases(api) == {}
 
 

@@ -233,8 +233,9 @@ class MachinesClient:
         expected = set(expect)
         retry = 0
         while True:
+            self._check_guard(endpoint, method, path)  # before the wait: not ours, it waits for nothing
             await self._throttle(endpoint, scope)
-            self._check_guard(endpoint, method, path)  # after the wait: the lease may have lapsed in it
+            self._check_guard(endpoint, method, path)  # and after it: the lease may have lapsed in it
             started = self._clock.now()
             response: httpx.Response | None = None
             try:

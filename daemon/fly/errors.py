@@ -86,10 +86,17 @@ class LeaseLost(FlyApiError):
     """Our lease could not be refreshed and may have expired: nothing more may be changed under it."""
 
 
-class NotOwner(FlyApiError):
-    """Never sent: this instance does not hold the app's lease (another instance has it, or ours lapsed)."""
+class NotOwner(Exception):
+    """Never sent: this instance does not hold the app's lease (another instance has it, or ours lapsed).
 
-    status = 0
+    Not a FlyApiError: nothing was asked of Fly, and no handler of Fly's errors may take it for one of
+    them and go on with the next step (the next create, the next machine of a rollout). It ends the whole
+    tick it was raised in; the app's new owner looks at the world afresh."""
+
+    def __init__(self, endpoint: str, reason: str) -> None:
+        self.endpoint = endpoint
+        self.reason = reason
+        super().__init__(f"{endpoint}: not sent: {reason}")
 
 
 class TransportError(FlyApiError):

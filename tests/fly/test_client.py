@@ -1097,6 +1097,45 @@ async def test_client_limiter_keeps_a_burst_under_fly_limits(
     assert elapsed >= (total - (limit.burst - before)) / limit.rate
 
 
+async def test_a_change_to_an_app_no_longer_ours_is_refused_before_the_limiter_and_after_its_wait(
+    manual_sim: SimServer,
+    make_client: ClientFactory,
+    manual_control: httpx.AsyncClient,
+    manual_wire: Wire,
+    clock: ManualClock,
+) -> None:
+    """The guard is asked before a request waits for the limiter (not ours: it waits for nothing) and again
+    after (the lease may have lapsed in the wait): calls paced behind a burst, still waiting when the app
+    is lost, are refused once their turn comes and never sent; reads still go."""
+    why: list[str] = []
+    client = make_client(
+        manual_sim.api_url, clock=clock, rate_limit=True, guard=lambda app: why[0] if why else None
+    )
+    machine_id = await one_started(manual_control)
+    before = manual_wire.count("Machines_stop")
+    burst = asyncio.ensure_future(
+        _burst(client, "Machines_stop", machine_id, nonce="")  # more than the bucket holds
+    )
+
+    async def sent() -> int:
+        await summary(manual_control)
+        return manual_wire.count("Machines_stop") - before
+
+    first_wave = await eventually(sent)
+    assert 0 < first_wave < BURSTS["Machines_stop"]
+    why.append("b/2f00aa owns it")
+    # refused at once, with the clock standing still: it did not wait for the limiter
+    with pytest.raises(errors.NotOwner, match="b/2f00aa owns it"):
+        await asyncio.wait_for(client.stop_machine("shop", machine_id), timeout=5.0)
+    while not burst.done():
+        await clock.advance(1.0)
+    results = await done(burst)
+    refused = [r for r in results if isinstance(r, errors.NotOwner)]
+    assert len(refused) == BURSTS["Machines_stop"] - first_wave, results
+    assert await sent() == first_wave  # the ones that waited were never sent
+    assert (await client.get_machine("shop", machine_id)).id == machine_id
+
+
 async def test_without_the_limiter_a_burst_gets_429s_that_are_retried(
     manual_sim: SimServer,
     make_client: ClientFactory,
