@@ -196,8 +196,7 @@ class Reconciler:
         try:
             machines = await self._client.list_machines(app)
             health = await self._health.observe(app, machines, health_spec(policy))
-            self.latest_health[app] = health
-            self.latest_health.update(self._health.judge_all(self.latest_health))
+            self.latest_health.update(self._health.judge(health))
             self._tell_regions(app, self.latest_health[app])
             self._metrics.last_tick.labels(app, "probe").set(self._clock.now())
         except Exception:

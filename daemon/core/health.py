@@ -254,27 +254,69 @@ def region_health(region: str, machines: Iterable[MachineVerdict]) -> RegionHeal
     )
 
 
+_DOUBT = "every region failed at once with no answer: flywatch's own connectivity is in doubt"
+
+
+def _tally(regions: Iterable[RegionHealth]) -> tuple[int, int]:
+    """(regions judged, of them down with nothing answering) of one app."""
+    judged = [r for r in regions if r.state is not RegionState.UNKNOWN]
+    return len(judged), sum(1 for r in judged if r.state is RegionState.DOWN and r.no_answer)
+
+
+def _in_doubt(judged: int, silent: int) -> bool:
+    return judged > 1 and silent == judged
+
+
+def doubted(regions: Mapping[str, RegionHealth]) -> dict[str, RegionHealth]:
+    """One app's regions while flywatch's own connectivity is in doubt: down becomes unknown, saying why."""
+    return {
+        name: replace(r, state=RegionState.UNKNOWN, reason=f"{_DOUBT} (was: {r.reason})")
+        if r.state is RegionState.DOWN
+        else r
+        for name, r in regions.items()
+    }
+
+
+class Doubt:
+    """The rule that spans apps, kept up to date one app at a time: each app's latest regions counted,
+    so that judging the app just probed costs the same with 5 apps or 5,000 (recounting every app at each
+    probe made a round of probes quadratic in the apps)."""
+
+    def __init__(self) -> None:
+        self._by_app: dict[str, tuple[int, int]] = {}
+        self._judged = 0
+        self._silent = 0
+
+    @property
+    def active(self) -> bool:
+        """True when every region of every app that has machines is down with nothing answering at all."""
+        return _in_doubt(self._judged, self._silent)
+
+    def update(self, app: str, regions: Iterable[RegionHealth]) -> bool:
+        """Count the app's latest regions (its own, not doubted); whether the doubt changed by it."""
+        before = self.active
+        self.forget(app)
+        judged, silent = self._by_app[app] = _tally(regions)
+        self._judged += judged
+        self._silent += silent
+        return self.active != before
+
+    def forget(self, app: str) -> None:
+        judged, silent = self._by_app.pop(app, (0, 0))
+        self._judged -= judged
+        self._silent -= silent
+
+
 def doubt_own_connectivity(regions: Mapping[str, Mapping[str, RegionHealth]]) -> bool:
     """True when every region of every app that has machines is down with nothing answering at all."""
-    judged = [
-        r for per_app in regions.values() for r in per_app.values() if r.state is not RegionState.UNKNOWN
-    ]
-    return (
-        bool(judged) and all(r.state is RegionState.DOWN and r.no_answer for r in judged) and len(judged) > 1
-    )
+    doubt = Doubt()
+    for app, per_app in regions.items():
+        doubt.update(app, per_app.values())
+    return doubt.active
 
 
 def with_doubt(regions: Mapping[str, Mapping[str, RegionHealth]]) -> dict[str, dict[str, RegionHealth]]:
     """Every region's health, turned unknown (and saying why) when flywatch's own connectivity is in doubt."""
     if not doubt_own_connectivity(regions):
         return {app: dict(per_app) for app, per_app in regions.items()}
-    reason = "every region failed at once with no answer: flywatch's own connectivity is in doubt"
-    return {
-        app: {
-            name: replace(r, state=RegionState.UNKNOWN, reason=f"{reason} (was: {r.reason})")
-            if r.state is RegionState.DOWN
-            else r
-            for name, r in per_app.items()
-        }
-        for app, per_app in regions.items()
-    }
+    return {app: doubted(per_app) for app, per_app in regions.items()}

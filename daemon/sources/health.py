@@ -2,17 +2,18 @@
 machines and regions (core/health.py), with the machines' own Fly checks and host status from the list call.
 
 One `observe()` per app per probe interval. It keeps the probe history between rounds (hysteresis) and
-forgets machines that are gone. `judge_all()` applies the rule that spans apps: when every region
+forgets machines that are gone. `judge()` applies the rule that spans apps: when every region
 everywhere failed with no answer, flywatch doubts its own connectivity rather than the world.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from daemon.clock import Clock
 from daemon.core.health import (
+    Doubt,
     Hysteresis,
     MachineHealth,
     MachineSignals,
@@ -21,10 +22,10 @@ from daemon.core.health import (
     RegionHealth,
     RegionState,
     Verdict,
+    doubted,
     machine_verdict,
     region_health,
     step,
-    with_doubt,
 )
 from daemon.fly.models import Machine
 from daemon.sources.fleet import in_group
@@ -61,6 +62,8 @@ class HealthWatch:
         self._history: dict[str, dict[str, MachineHealth]] = {}
         self._regions_seen: dict[str, set[str]] = {}
         self._machines_seen: dict[str, dict[str, str]] = {}
+        self._observed: dict[str, AppHealth] = {}  # each app's latest health, as observed (not doubted)
+        self._doubt = Doubt()
 
     async def observe(self, app: str, machines: Iterable[Machine], spec: HealthSpec) -> AppHealth:
         """Probe the app's started machines once and judge them and their regions."""
@@ -100,21 +103,26 @@ class HealthWatch:
         }
         return AppHealth(app=app, at=now, machines=verdicts, regions=regions)
 
-    def judge_all(self, apps: Mapping[str, AppHealth]) -> dict[str, AppHealth]:
-        """Apply the cross-app rule (doubt of our own connectivity) and export the verdicts."""
-        judged = with_doubt({name: health.regions for name, health in apps.items()})
-        result = {
-            name: AppHealth(app=name, at=health.at, machines=health.machines, regions=judged[name])
-            for name, health in apps.items()
-        }
-        for health in result.values():
-            self._export(health)
+    def judge(self, health: AppHealth) -> dict[str, AppHealth]:
+        """Apply the rule that spans apps (doubt of our own connectivity) to an app just observed, and
+        export the verdicts: the apps whose judged health is new, with their health. That is the app
+        alone, unless it turned the doubt on or off: then every app seen, each judged again."""
+        self._observed[health.app] = health
+        flipped = self._doubt.update(health.app, health.regions.values())
+        apps = list(self._observed.values()) if flipped else [health]
+        result = {}
+        for observed in apps:
+            regions = doubted(observed.regions) if self._doubt.active else dict(observed.regions)
+            result[observed.app] = judged = replace(observed, regions=regions)
+            self._export(judged)
         return result
 
     def forget(self, app: str) -> None:
         """Drop everything kept of `app` (probe history, exported verdict series): watched again later, its
         machines start afresh, as after a restart, and no verdict of the time before stays exported."""
         self._history.pop(app, None)
+        self._observed.pop(app, None)
+        self._doubt.forget(app)
         machines = self._machines_seen.pop(app, {})
         regions = self._regions_seen.pop(app, set())
         metrics = self._metrics

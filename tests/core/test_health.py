@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from daemon.core.health import (
+    Doubt,
     Hysteresis,
     MachineHealth,
     MachineSignals,
@@ -13,6 +16,7 @@ from daemon.core.health import (
     ProbeOutcome,
     RegionState,
     Verdict,
+    doubt_own_connectivity,
     judge,
     machine_verdict,
     region_health,
@@ -205,3 +209,37 @@ def test_a_slow_machine_is_not_a_silent_one() -> None:
             silent, judge(ProbeOutcome(at, 2.0, None, error="cannot connect"), ProbeConditions()), RULES
         )
     assert machine_verdict(MachineSignals("m1", "iad", silent), 2.0, RULES).no_answer is True
+
+
+def test_the_doubt_kept_one_app_at_a_time_is_the_doubt_of_all_apps_at_once() -> None:
+    """Doubt, updated with each app as it is observed (and forgetting apps no longer watched), says at
+    every step what judging every app's latest regions at once says, and tells when it changed."""
+    rng = random.Random(8)
+    kinds = {
+        "silent": lambda r: region_health(r, [mv(U, no_answer=True)]),
+        "answering 500": lambda r: region_health(r, [mv(U)]),
+        "healthy": lambda r: region_health(r, [mv(H)]),
+        "nothing to judge": lambda r: region_health(r, []),
+    }
+    doubt, latest = Doubt(), {}
+    seen = {True: 0, False: 0}
+    for _ in range(2000):
+        app = f"app-{rng.randrange(6)}"
+        before = doubt.active
+        if rng.random() < 0.1:
+            doubt.forget(app)
+            latest.pop(app, None)
+            changed = doubt.active != before
+        else:
+            # mostly silent, so that the doubt comes and goes
+            weights = [8, 1, 1, 1]
+            regions = {
+                r: kinds[rng.choices(list(kinds), weights)[0]](r)
+                for r in rng.sample(["iad", "cdg", "nrt"], rng.randint(1, 3))
+            }
+            changed = doubt.update(app, regions.values())
+            latest[app] = regions
+        assert doubt.active is doubt_own_connectivity(latest)
+        assert changed is (doubt.active != before)
+        seen[doubt.active] += 1
+    assert min(seen.values()) > 50, seen  # both ways, many times

@@ -9,9 +9,16 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from daemon.clock import SystemClock
-from daemon.core.health import Hysteresis, ProbeConditions, RegionState, Verdict
+from daemon.core.health import (
+    Hysteresis,
+    MachineVerdict,
+    ProbeConditions,
+    RegionState,
+    Verdict,
+    region_health,
+)
 from daemon.fly.client import MachinesClient
-from daemon.sources.health import HealthSpec, HealthWatch
+from daemon.sources.health import AppHealth, HealthSpec, HealthWatch
 from daemon.sources.probes import Prober, probe_url
 from daemon.telemetry.metrics import HealthMetrics
 from tests.sim.helpers import make_app
@@ -43,7 +50,7 @@ async def rounds(watch: HealthWatch, fly: MachinesClient, n: int, app: str = "sh
     for _ in range(n):
         health = await watch.observe(app, await fly.list_machines(app), spec)
     assert health is not None
-    return watch.judge_all({app: health})[app]
+    return watch.judge(health)[app]
 
 
 def test_probe_url_brackets_ipv6() -> None:
@@ -152,7 +159,7 @@ async def test_own_connectivity_in_doubt(
     for _ in range(2):
         health = await watch.observe("shop", machines, FAST)
     assert health is not None
-    judged = watch.judge_all({"shop": health})["shop"]
+    judged = watch.judge(health)["shop"]
     assert {r.state for r in judged.regions.values()} == {RegionState.UNKNOWN}
     assert "connectivity is in doubt" in judged.regions["iad"].reason
 
@@ -209,3 +216,53 @@ async def test_forget_drops_the_history_and_the_exported_verdicts(
     again = (await rounds(watch, fly, 1)).machines[machine]
     assert "Fly checks passing" in again.reason, again.reason  # one probe of healthy_after=2: no history
     assert "status 200" in (await rounds(watch, fly, 1, app="other")).machines.popitem()[1].reason
+
+
+def observed(app: str, **regions: Verdict) -> AppHealth:
+    """An app's health as observed: one machine per region, failing without an answer when unhealthy."""
+    machines = {
+        f"{app}-{region}": MachineVerdict(
+            f"{app}-{region}",
+            region,
+            verdict,
+            "because",
+            no_answer=verdict is Verdict.UNHEALTHY,
+            unreachable=False,
+        )
+        for region, verdict in regions.items()
+    }
+    return AppHealth(
+        app=app,
+        at=0.0,
+        machines=machines,
+        regions={m.region: region_health(m.region, [m]) for m in machines.values()},
+    )
+
+
+def test_judging_an_app_judges_it_alone_unless_it_turns_the_doubt_on_or_off(
+    watch: HealthWatch, registry: CollectorRegistry
+) -> None:
+    """`judge` gives back the app just observed; when that app makes every region everywhere silent (or
+    ends it), every app seen is judged again, from what was observed of it, not from what was said of it."""
+    u, h = Verdict.UNHEALTHY, Verdict.HEALTHY
+    assert list(watch.judge(observed("shop", iad=u, cdg=u))) == ["shop"]  # silent alone: doubted
+    assert list(watch.judge(observed("api", nrt=u))) == ["api"]  # silent too: still in doubt, api alone
+    assert {r.state for r in watch.judge(observed("api", nrt=u))["api"].regions.values()} == {
+        RegionState.UNKNOWN
+    }
+
+    recovered = watch.judge(observed("api", nrt=h))  # an answer: the doubt ends, shop is down after all
+    assert set(recovered) == {"shop", "api"}
+    assert {r.state for r in recovered["shop"].regions.values()} == {RegionState.DOWN}
+    assert recovered["api"].regions["nrt"].state is RegionState.HEALTHY
+    assert (
+        registry.get_sample_value(
+            "flywatch_region_health", {"fly_app": "shop", "fly_region": "iad", "state": "down"}
+        )
+        == 1.0
+    )
+
+    watch.forget("api")  # the one that answered is gone: shop alone is silent again
+    again = watch.judge(observed("shop", iad=u, cdg=u))
+    assert set(again) == {"shop"}
+    assert "connectivity is in doubt" in again["shop"].regions["iad"].reason
