@@ -7,18 +7,30 @@ tick functions directly.
 
 from __future__ import annotations
 
+import contextlib
+import random
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from apscheduler.jobstores.base import JobLookupError
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
+
+# A new job's first run comes at a random moment within this many seconds (or its interval, if shorter):
+# thousands of apps scheduled at once (a start, or a share of apps taken over) do not all fall due in the
+# same instant, yet every app is looked at soon.
+FIRST_RUN_SPREAD = 1.0
 
 
 class Scheduler:
-    def __init__(self) -> None:
+    def __init__(self, rng: random.Random | None = None) -> None:
         self._scheduler = AsyncIOScheduler(
             job_defaults={"max_instances": 1, "coalesce": True, "misfire_grace_time": None}
         )
+        self._rng = rng or random.Random()
+        # what each job was last given: a job given the same again is left as it is (scheduling thousands
+        # of apps again on every change of ownership, each looked up in APScheduler, was quadratic)
+        self._jobs: dict[str, tuple[float, Callable[..., Awaitable[Any]], tuple[Any, ...], float | None]] = {}
 
     def start(self) -> None:
         self._scheduler.start()
@@ -31,12 +43,17 @@ class Scheduler:
         *args: Any,
         jitter: float | None = None,
     ) -> None:
-        """Run `job(*args)` every `seconds`, the first time at once. Replaces a job of the same id, keeping
-        its next run time (a reload does not fire every job at once)."""
-        existing = self._scheduler.get_job(job_id)
-        first = (
-            existing.next_run_time if existing is not None and existing.next_run_time else datetime.now(UTC)
-        )
+        """Run `job(*args)` every `seconds`, the first time soon (within FIRST_RUN_SPREAD). The same job
+        given again is left alone; given other times or arguments, it is replaced, keeping its next run
+        time (a reload does not fire every job at once)."""
+        wanted = (seconds, job, args, jitter)
+        if self._jobs.get(job_id) == wanted:
+            return
+        if job_id in self._jobs and (existing := self._scheduler.get_job(job_id)) is not None:
+            first = existing.next_run_time or datetime.now(UTC)
+        else:
+            spread = self._rng.uniform(0.0, min(seconds, FIRST_RUN_SPREAD))
+            first = datetime.now(UTC) + timedelta(seconds=spread)
         self._scheduler.add_job(
             job,
             "interval",
@@ -47,16 +64,15 @@ class Scheduler:
             jitter=jitter if jitter is not None else min(seconds * 0.1, 1.0),
             next_run_time=first,
         )
+        self._jobs[job_id] = wanted
 
     def remove(self, job_id: str) -> None:
-        if self._scheduler.get_job(job_id) is not None:
-            self._scheduler.remove_job(job_id)
-
-    def remove_all(self) -> None:
-        self._scheduler.remove_all_jobs()
+        if self._jobs.pop(job_id, None) is not None:
+            with contextlib.suppress(JobLookupError):
+                self._scheduler.remove_job(job_id)
 
     def job_ids(self) -> list[str]:
-        return [job.id for job in self._scheduler.get_jobs()]
+        return list(self._jobs)
 
     def shutdown(self) -> None:
         if self._scheduler.running:

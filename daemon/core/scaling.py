@@ -242,9 +242,10 @@ def decide(
                 + (f" ({'; '.join(schedule_notes[region.region])})" if schedule_notes[region.region] else ""),
             )
         history = tuple((at, d) for at, d in memory.recommendations if now - at <= longest)
-        if not memory.recommendations and rules.down.stabilization > 0:
-            # first sight of the region (new, or its memory lost): the down window it has not watched is
-            # taken to have recommended the current count, so a first scale-down waits a window like any other
+        if not history and rules.down.stabilization > 0:
+            # first sight of the region (new, or its memory lost), or none for longer than the window (no
+            # tick could decide: the API, the store or this instance down): the down window it has not
+            # watched is taken to have recommended the current count, so a scale-down waits a window
             history = ((now, max(desired, region.started)),)
         recommendations = (*history, (now, desired))
         last_demand = memory.last_demand

@@ -422,6 +422,21 @@ def test_first_sight_waits_a_whole_down_window() -> None:
     assert fleet.actions == [(T0 + 65, "iad", SCALE_DOWN, 1), (T0 + 95, "iad", SCALE_DOWN, 1)]
 
 
+def test_a_gap_longer_than_the_window_waits_a_whole_down_window_again() -> None:
+    """Recommendations all older than the down window (no tick decided for longer than it: the API or
+    this instance down) are no window at all: a drop seen after the gap waits a whole window, as at first
+    sight, instead of being followed at once on a window nobody watched."""
+    fleet = Fleet(RULES, {"iad": Bounds(0, 20)}, {"iad": 6})
+    for second in range(0, 30, 5):
+        fleet.tick(T0 + second, {"iad": 60.0})
+    back = T0 + 25 + 300  # five minutes without a tick, then the load has fallen
+    after = fleet.tick(back, {"iad": 20.0})["iad"]
+    assert after.not_acting == {"stabilization": "highest recommendation in the last 60s is 6"}
+    for second in range(5, 100, 5):
+        fleet.tick(back + second, {"iad": 20.0})
+    assert fleet.actions[0][:2] == (back + 65, "iad")
+
+
 # ---------------------------------------------------------------------------- steps and cooldowns
 
 
