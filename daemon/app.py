@@ -406,6 +406,8 @@ class Daemon:
             return
         self._stopping.set()
         log.info("stopping: waiting for %d tick(s) in flight", len(self._in_flight))
+        # the apps with no tick running go to the other instances now, not once every tick is over
+        await self.ownership.drain()
         if self._watcher is not None:
             self._watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -74,6 +74,11 @@ class Ownership(Protocol):
         """Take this instance's share (the first look is over when it returns), then keep it up to date."""
         ...
 
+    async def drain(self) -> None:
+        """On the way out, while the ticks in flight finish: give up at once every app with no tick
+        running, so that the others take them now, and each of the rest as soon as its tick ends."""
+        ...
+
     async def stop(self) -> None:
         """Give up everything at once, so the others take over now rather than at the lease's end."""
         ...
@@ -106,6 +111,9 @@ class SoleOwnership:
 
     async def start(self, on_change: OnChange) -> None:
         on_change(set(self._apps), set())
+
+    async def drain(self) -> None:
+        return None
 
     async def stop(self) -> None:
         return None
@@ -142,6 +150,8 @@ class LeaseTable(Protocol):
         release: dict[str, int],
         acquire: list[str],
     ) -> tuple[set[str], dict[str, int]]: ...
+
+    async def withdraw(self, member: str) -> Roster: ...
 
     async def leave(self, member: str) -> None: ...
 
@@ -209,6 +219,10 @@ class Cluster:
         self._on_change: OnChange = lambda _gained, _lost: None
         self._loop: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
+        self._draining = False  # on the way out: no longer a member, keeping only apps with a tick running
+        self._begun = 0  # looks begun, and the number of the last one ended
+        self._ended = 0
+        self._looked = asyncio.Event()
         self.last_beat: float | None = None
         self.last_error = ""
         self.beats = 0
@@ -247,6 +261,23 @@ class Cluster:
         await self.beat()
         self._loop = asyncio.ensure_future(self._run())
 
+    async def drain(self) -> None:
+        if self._draining:
+            return
+        self._draining = True
+        if self._loop is None or self._loop.done():
+            await self.beat()
+            return
+        # the next look (begun after this, by the heartbeat: never two at once on its connection) takes us
+        # off the members and releases the idle apps; the others take them at their next look
+        after = self._begun
+        self._wake.set()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(2 * self.timing.heartbeat):  # a database not answering: go on
+                while self._ended <= after:
+                    self._looked.clear()
+                    await self._looked.wait()
+
     async def stop(self) -> None:
         if self._loop is not None:
             self._loop.cancel()
@@ -269,9 +300,10 @@ class Cluster:
     async def _run(self) -> None:
         while True:
             heartbeat = self.timing.heartbeat
-            pause = min(_PENDING_EVERY, heartbeat) if self._wants - set(self._held) else heartbeat
-            self._wake.clear()
+            waiting = self._draining or self._wants - set(self._held)  # for ticks to end, or for apps
+            pause = min(_PENDING_EVERY, heartbeat) if waiting else heartbeat
             await self._pause(pause)
+            self._wake.clear()  # here, not before the pause: a wake during a look starts the next at once
             try:
                 await self.beat()
             except Exception:  # a bug must not end the heartbeat: the leases would lapse one by one
@@ -290,15 +322,31 @@ class Cluster:
 
     async def beat(self) -> None:
         """One look: renew the membership, work out our share, give up, renew and take leases."""
+        self._begun += 1
+        number = self._begun
+        try:
+            await self._look()
+        finally:
+            self._ended = number
+            self._looked.set()
+
+    async def _look(self) -> None:
         timing = self.timing
         sent = self._clock.monotonic()
         try:
-            roster = await self._leases.join(self.member, self.region, self._started_at, timing.lease)
+            if self._draining:
+                roster = await self._leases.withdraw(self.member)
+            else:
+                roster = await self._leases.join(self.member, self.region, self._started_at, timing.lease)
         except StoreError as exc:
             self._failed(exc)
             return
-        self._joined_until = sent + timing.lease - timing.margin
-        wanted = ring.share(self._apps, [m.member for m in roster.members if m.live], self.member)
+        if self._draining:
+            self._joined_until = 0.0
+            wanted = {app for app in self._held if self._busy(app)}  # nothing more taken; kept while busy
+        else:
+            self._joined_until = sent + timing.lease - timing.margin
+            wanted = ring.share(self._apps, [m.member for m in roster.members if m.live], self.member)
         self._let_go(wanted)
         release = {app: epoch for app, epoch in self._releasing.items() if not self._busy(app)}
         renew = {app: held.epoch for app, held in self._held.items()}

@@ -76,7 +76,9 @@ async def make(url: str) -> AsyncIterator[Make]:
     made: list[Node] = []
     numbers = itertools.count(1)
 
-    def build(apps: set[str] = APPS, region: str = "iad") -> Node:
+    def build(
+        apps: set[str] = APPS, region: str = "iad", busy: Callable[[str], bool] = lambda _app: False
+    ) -> Node:
         n = next(numbers)
         leases = PostgresLeases.open(url)
         registry = prometheus_client.CollectorRegistry()
@@ -86,6 +88,7 @@ async def make(url: str) -> AsyncIterator[Make]:
             member=member_name(f"m{n}", None, "host", f"t{n}"),
             region=region,
             takeover=TAKEOVER,
+            busy=busy,
             metrics=ClusterMetrics(registry),
         )
         cluster.set_apps(apps)
@@ -260,6 +263,39 @@ async def test_a_member_that_stops_hands_its_apps_over_promptly(make: Make) -> N
     for app in its_apps:
         gainer = next(n for n in staying if app in n.cluster.owned())
         assert gainer.gained[app][-1] >= mark
+
+
+async def test_a_member_draining_hands_its_idle_apps_over_at_once_and_a_busy_one_when_its_tick_ends(
+    make: Make,
+) -> None:
+    """drain() (the daemon's first step on SIGTERM, while its ticks in flight finish): off the members
+    at once, every app with no tick running released and taken by the other at its next look; the app
+    still ticking stays held and renewed, well past a lease, and goes over as soon as its tick ends."""
+    ticking: set[str] = set()
+    leaving, staying = make(busy=lambda app: app in ticking), make()
+    for node in (leaving, staying):
+        await node.start()
+    await until(lambda: settled([leaving, staying]), timeout=8.0, what="two members settling")
+    its_apps = leaving.cluster.owned()
+    kept = min(its_apps)
+    ticking.add(kept)
+    async with disjointness([leaving, staying]) as overlaps:
+        await leaving.cluster.drain()
+        assert not leaving.cluster.joined
+        assert leaving.cluster.owned() == {kept}
+        took = await until(
+            lambda: staying.cluster.owned() == APPS - {kept}, timeout=TAKEOVER, what="the idle apps taken"
+        )
+        assert took < TAKEOVER / 2, f"took {took:.2f}s: released, they are free at once"
+        # the busy one: held, renewed, acted on, for longer than a lease would last unrenewed
+        held_since = time.monotonic()
+        await until(lambda: time.monotonic() - held_since > LEASE + MARGIN, timeout=LEASE + MARGIN + 1)
+        assert leaving.cluster.may_act(kept) is None
+        assert kept not in staying.cluster.owned()
+        ticking.clear()
+        await until(lambda: staying.cluster.owned() == APPS, timeout=3 * HEARTBEAT + 1, what="the last app")
+        assert leaving.cluster.owned() == set()
+    assert overlaps == []
 
 
 # ---------------------------------------------------------------------------------------------- death

@@ -229,21 +229,19 @@ class PostgresLeases(_PostgresConnection):
                 "DELETE FROM flywatch_members WHERE expires_at < now() - make_interval(secs => %s)",
                 (_FORGET_MEMBERS_AFTER,),
             )
-            members = tuple(
-                Member(str(name), str(where), float(started), bool(live))
-                for name, where, started, live in connection.execute(
-                    "SELECT member, region, started_at, expires_at > now()"
-                    " FROM flywatch_members ORDER BY member"
-                )
-            )
-            owners = dict(
-                connection.execute(
-                    "SELECT app, owner FROM flywatch_leases WHERE owner IS NOT NULL AND expires_at > now()"
-                ).fetchall()
-            )
-            return Roster(members, owners)
+            return _roster(connection)
 
         return await self._run(f"join as {member}", work)
+
+    async def withdraw(self, member: str) -> Roster:
+        """Take `member` off the members, keeping its leases (a member draining on its way out: the others
+        take its share as its leases are released); the roster as it stands."""
+
+        def work(connection: psycopg.Connection[Any]) -> Roster:
+            connection.execute("DELETE FROM flywatch_members WHERE member = %s", (member,))
+            return _roster(connection)
+
+        return await self._run(f"withdraw {member}", work)
 
     async def exchange(
         self,
@@ -311,6 +309,21 @@ class PostgresLeases(_PostgresConnection):
             connection.execute("DELETE FROM flywatch_members WHERE member = %s", (member,))
 
         await self._run(f"leave as {member}", work)
+
+
+def _roster(connection: psycopg.Connection[Any]) -> Roster:
+    members = tuple(
+        Member(str(name), str(where), float(started), bool(live))
+        for name, where, started, live in connection.execute(
+            "SELECT member, region, started_at, expires_at > now() FROM flywatch_members ORDER BY member"
+        )
+    )
+    owners = dict(
+        connection.execute(
+            "SELECT app, owner FROM flywatch_leases WHERE owner IS NOT NULL AND expires_at > now()"
+        ).fetchall()
+    )
+    return Roster(members, owners)
 
 
 def _columns(held: dict[str, int]) -> tuple[list[str], list[int]]:
