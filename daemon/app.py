@@ -235,15 +235,16 @@ class Daemon:
     def _busy(self, app: str) -> bool:
         return app in self._in_flight.values()
 
-    def _forget(self, app: str) -> None:
-        """Drop what this instance knew of an app it no longer watches, once no tick of it is running (a tick
-        still running would write some of it back)."""
-        if self._busy(app):
-            self._unforgotten.add(app)
-        elif self.reconciler is not None:
-            self._unforgotten.discard(app)
-            # its series go too: a last tick that stays forever would read as a loop that stopped
-            self.reconciler.forget(app)
+    def _forget(self, apps: set[str]) -> None:
+        """Drop what this instance knew of apps it no longer watches, each once no tick of it is running (a
+        tick still running would write some of it back)."""
+        busy = {app for app in apps if self._busy(app)}
+        self._unforgotten |= busy
+        idle = apps - busy
+        self._unforgotten -= idle
+        if self.reconciler is not None:
+            # their series go too: a last tick that stays forever would read as a loop that stopped
+            self.reconciler.forget(idle)
 
     def _schedule(self) -> None:
         assert self.loaded is not None  # noqa: S101 - start() loads it first
@@ -261,10 +262,12 @@ class Daemon:
             wanted.add(f"reconcile:{app}")
             interval = policy.scaling.interval if policy.scaling is not None else policy.health.interval
             self._scheduler.every(f"reconcile:{app}", interval, self._job, "reconcile", app)
+        gone = set()
         for job_id in set(self._scheduler.job_ids()) - wanted:
             # an app that the new policy no longer has, or that is no longer this instance's
             self._scheduler.remove(job_id)
-            self._forget(job_id.partition(":")[2])
+            gone.add(job_id.partition(":")[2])
+        self._forget(gone)
         for webhook in self.loaded.policy.alerts.webhooks:
             register_secret(webhook.url.get_secret_value())  # a webhook URL never appears in a log line
         if self.alerter is not None:
@@ -300,7 +303,7 @@ class Daemon:
             if task is not None:
                 self._in_flight.pop(task, None)
             if app in self._unforgotten:
-                self._forget(app)
+                self._forget({app})
 
     # ------------------------------------------------------------------ reload
 

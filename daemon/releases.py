@@ -23,6 +23,7 @@ import asyncio
 import logging
 from collections import deque
 from collections.abc import Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import replace
 from typing import Any
 
@@ -648,20 +649,21 @@ class ReleaseWatch:
                     )
                 )
 
-    def forget(self, app: str) -> None:
-        """Drop everything kept in memory of `app` (baseline window, early traffic, lookups, traffic errors,
-        its /status entry, its release gauges' series, the traffic reader's totals): watched again later, it
-        starts as after a restart, from its stored state alone. Events already told but not yet written stay
-        pending: they are history, and the next flush writes them."""
-        self._baseline.pop(app, None)
-        self._looked_up = {key for key in self._looked_up if key[0] != app}
-        self._shown.pop(app, None)
-        self._shown_before.pop(app, None)
-        self._traffic_errors.pop(app, None)
-        self._unclaimed.pop(app, None)
-        self.status.pop(app, None)
-        self._metrics.forget(app)
-        self._traffic.forget(app)
+    def forget(self, apps: AbstractSet[str]) -> None:
+        """Drop everything kept in memory of `apps` (baseline window, early traffic, lookups, traffic
+        errors, /status entries, release gauges' series, the traffic reader's totals): watched again later,
+        each starts as after a restart, from its stored state alone. Events already told but not yet
+        written stay pending: they are history, and the next flush writes them."""
+        for app in apps:
+            self._baseline.pop(app, None)
+            self._shown.pop(app, None)
+            self._shown_before.pop(app, None)
+            self._traffic_errors.pop(app, None)
+            self._unclaimed.pop(app, None)
+            self.status.pop(app, None)
+        self._looked_up = {key for key in self._looked_up if key[0] not in apps}
+        self._metrics.forget(apps)
+        self._traffic.forget(apps)
 
     async def flush(self) -> None:
         """Write the events told since the last flush to the release history."""

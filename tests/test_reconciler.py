@@ -107,7 +107,7 @@ async def test_forget_drops_the_app_everywhere(
     assert registry.get_sample_value(
         "flywatch_region_health", {"fly_app": "shop", "fly_region": "iad", "state": "healthy"}
     )
-    daemon.forget("shop")
+    daemon.forget({"shop"})
     assert daemon.status_json() == {}
     assert "shop" not in daemon.latest_health
     assert _gauge_apps(registry) == set()  # machine counts, health verdicts and metric values alike

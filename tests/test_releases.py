@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -366,20 +367,20 @@ async def test_forget_drops_the_status_and_the_release_gauges(
     await _adopted(watch, control, api)
     assert "shop" in watch.releases.status
     assert _release_series(watch.registry, "shop")
-    forgotten: list[str] = []
+    forgotten: list[AbstractSet[str]] = []
     original = TrafficReader.forget
 
-    def spy(reader: TrafficReader, app: str) -> None:
-        forgotten.append(app)
-        original(reader, app)
+    def spy(reader: TrafficReader, apps: AbstractSet[str]) -> None:
+        forgotten.append(apps)
+        original(reader, apps)
 
     monkeypatch.setattr(TrafficReader, "forget", spy)
     stored = (await watch.state()).to_json()
     history = await watch.store.read(HISTORY, key="shop", limit=100)
-    watch.reconciler.forget("shop")
+    watch.reconciler.forget({"shop"})
     assert "shop" not in watch.releases.status
     assert _release_series(watch.registry, "shop") == []
-    assert forgotten == ["shop"]
+    assert forgotten == [{"shop"}]
     assert (await watch.state()).to_json() == stored  # only memory is dropped
     assert await watch.store.read(HISTORY, key="shop", limit=100) == history
     await watch.tick()

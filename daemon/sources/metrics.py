@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable, Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 
 from daemon.clock import Clock
@@ -83,18 +84,18 @@ class MetricWatch:
         self._latest: dict[tuple[str, str], dict[str, Sample]] = {}
         self._exported: dict[tuple[str, str], set[str]] = {}
 
-    def forget(self, app: str) -> None:
-        """Drop everything kept of `app`: its samples, its exported value series, and the scraper's
-        counters; read again later, it starts afresh (no old sample served as fresh, no rate against an
+    def forget(self, apps: AbstractSet[str]) -> None:
+        """Drop everything kept of `apps`: their samples, their exported value series, and the scraper's
+        counters; read again later, each starts afresh (no old sample served as fresh, no rate against an
         old total)."""
-        for key in [k for k in self._latest if k[0] == app]:
+        for key in [k for k in self._latest if k[0] in apps]:
             del self._latest[key]
-        for key in [k for k in self._exported if k[0] == app]:
+        for key in [k for k in self._exported if k[0] in apps]:
             regions = self._exported.pop(key)
             if self._metrics is not None:
                 for region in regions:
-                    self._metrics.value.remove(app, region, key[1])
-        self._scraper.forget(app)
+                    self._metrics.value.remove(key[0], region, key[1])
+        self._scraper.forget(apps)
 
     async def read(
         self, app: str, machines: list[Machine], regions: Iterable[str], spec: MetricSpec

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import math
 from collections.abc import Iterable, Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -75,10 +76,10 @@ class Scraper:
     async def aclose(self) -> None:
         await self._sessions.aclose()
 
-    def forget(self, app: str) -> None:
-        """Drop the counters kept of `app`'s machines: scraped again later, a counter has no rate until its
+    def forget(self, apps: AbstractSet[str]) -> None:
+        """Drop the counters kept of `apps`' machines: scraped again later, a counter has no rate until its
         second scrape, as after a restart."""
-        for key in [k for k in self._previous if k[0] == app]:
+        for key in [k for k in self._previous if k[0] in apps]:
             del self._previous[key]
 
     async def _read(self, url: str, timeout: float) -> str:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import math
 from collections.abc import Iterable, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import Literal
 
@@ -132,12 +133,14 @@ class TrafficReader:
     async def aclose(self) -> None:
         await self._sessions.aclose()
 
-    def forget(self, app: str) -> None:
-        """Drop what was read of `app` before (its machines' totals, its last PromQL read): read again
-        later, the next read is a first read (nothing compared with a stale total, the first window)."""
-        for key in [k for k in self._previous if k[0] == app]:
+    def forget(self, apps: AbstractSet[str]) -> None:
+        """Drop what was read of `apps` before (their machines' totals, their last PromQL read): read
+        again later, the next read is a first read (nothing compared with a stale total, the first
+        window)."""
+        for key in [k for k in self._previous if k[0] in apps]:
             del self._previous[key]
-        self._queried.pop(app, None)
+        for app in apps:
+            self._queried.pop(app, None)
 
     async def read(self, app: str, machines: Sequence[Machine], spec: TrafficSpec) -> TrafficReading:
         """One read of every machine given (the caller chooses which: canaries are not special). Never

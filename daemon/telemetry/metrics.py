@@ -9,10 +9,24 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable
+from collections.abc import Set as AbstractSet
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 API_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+def _remove_series(gauges: Iterable[Gauge], apps: AbstractSet[str]) -> None:
+    """Remove every series of `apps` (by its fly_app label) from `gauges`: one pass over each gauge's
+    series however many apps go at once (thousands, when another instance takes a share over)."""
+    if not apps:
+        return
+    for gauge in gauges:
+        for metric in gauge.collect():
+            for sample in metric.samples:
+                if sample.labels.get("fly_app") in apps:
+                    with contextlib.suppress(KeyError):
+                        gauge.remove(*sample.labels.values())
 
 
 class ApiMetrics:
@@ -103,15 +117,10 @@ class ReleaseMetrics:
         for result in ROLLBACK_RESULTS:
             self.rollbacks.labels(app, result)
 
-    def forget(self, app: str) -> None:
-        """Remove every series of `app` from the release gauges (the releases it ran and their verdicts);
-        the rollback counters stay, as counters do (see ReconcilerMetrics.forget)."""
-        for gauge in (self.info, self.verdict):
-            for metric in gauge.collect():
-                for sample in metric.samples:
-                    if sample.labels.get("fly_app") == app:
-                        with contextlib.suppress(KeyError):
-                            gauge.remove(*sample.labels.values())
+    def forget(self, apps: AbstractSet[str]) -> None:
+        """Remove every series of `apps` from the release gauges (the releases they ran and their
+        verdicts); the rollback counters stay, as counters do (see ReconcilerMetrics.forget)."""
+        _remove_series((self.info, self.verdict), apps)
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.info = Gauge(
@@ -151,14 +160,9 @@ class ReconcilerMetrics:
                 for result in ("done", "skipped", "failed", "dry_run"):
                     self.actions.labels(app, region, action, result)
 
-    def forget(self, app: str) -> None:
-        """Remove every series of `app` from the gauges (what it was is no longer true of anything)."""
-        for gauge in (self.desired, self.machines, self.last_tick):
-            for metric in gauge.collect():
-                for sample in metric.samples:
-                    if sample.labels.get("fly_app") == app:
-                        with contextlib.suppress(KeyError):
-                            gauge.remove(*sample.labels.values())
+    def forget(self, apps: AbstractSet[str]) -> None:
+        """Remove every series of `apps` from the gauges (what they were is no longer true of anything)."""
+        _remove_series((self.desired, self.machines, self.last_tick), apps)
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.desired = Gauge(

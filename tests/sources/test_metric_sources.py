@@ -261,7 +261,7 @@ async def test_metric_watch_forget_starts_the_app_afresh(
         labels = {"fly_app": "shop", "fly_region": "iad", "metric": "rps"}
         assert registry.get_sample_value("flywatch_metric_value", labels) == pytest.approx(30.0)
 
-        watch.forget("shop")
+        watch.forget({"shop"})
         assert registry.get_sample_value("flywatch_metric_value", labels) is None
         other_labels = {"fly_app": "other", "fly_region": "cdg", "metric": "rps"}
         assert registry.get_sample_value("flywatch_metric_value", other_labels) == pytest.approx(10.0)

@@ -485,7 +485,7 @@ async def test_forget_makes_the_next_read_a_first_read(
         await reader.read("other", other, SPEC)
         await clock.advance(10)
         assert set((await reader.read("shop", shop, SPEC)).machines) == {shop[0].id}
-        reader.forget("shop")
+        reader.forget({"shop"})
         await clock.advance(10)
         again = await reader.read("shop", shop, SPEC)
         assert again.machines == {}  # first sight again: absent, never the 10 s since the stale total
@@ -516,7 +516,7 @@ async def test_forget_restarts_the_promql_window() -> None:
         await clock.advance(12)
         await reader.read("shop", [fake_machine("m1")], spec)
         assert seen[-1].endswith("[12s]))")
-        reader.forget("shop")
+        reader.forget({"shop"})
         await clock.advance(600)
         await reader.read("shop", [fake_machine("m1")], spec)
         assert seen[-1].endswith("[30s]))")  # the first window again, not 600 s

@@ -32,7 +32,7 @@ def test_a_forgotten_app_leaves_no_gauge_series() -> None:
     metrics.desired.labels("blog", "iad").set(1)
     metrics.machines.labels("shop", "iad", "started").set(2)
     metrics.last_tick.labels("shop", "probe").set(1.0)
-    metrics.forget("shop")
+    metrics.forget({"shop"})
     get = registry.get_sample_value
     assert get("flywatch_desired_machines", {"fly_app": "shop", "fly_region": "iad"}) is None
     assert get("flywatch_machines", {"fly_app": "shop", "fly_region": "iad", "state": "started"}) is None
