@@ -69,6 +69,7 @@ _STOP_GRACE = 60.0  # seconds the ticks in flight get to finish on SIGTERM
 _TICK_SLOTS = 64
 _UNWIND_GRACE = 5.0  # seconds the ticks cancelled after it get to unwind
 _WATCH_EVERY = 2.0  # seconds between looks at the policy file
+_FORGET_AFTER = 0.5  # seconds the apps let go of whose ticks end are gathered, to be forgotten together
 
 
 class Daemon:
@@ -92,6 +93,7 @@ class Daemon:
         self._in_flight: dict[asyncio.Task[Any], str] = {}  # each tick running, and its app
         self._slots = asyncio.Semaphore(_TICK_SLOTS)
         self._unforgotten: set[str] = set()  # apps let go of while a tick of theirs still ran
+        self._forgetting: asyncio.Task[None] | None = None  # forgets those whose ticks have ended, together
         self._scheduler = Scheduler()
         self._closers: list[Callable[[], Awaitable[None]]] = []
         self._watcher: asyncio.Task[None] | None = None
@@ -246,6 +248,15 @@ class Daemon:
             # their series go too: a last tick that stays forever would read as a loop that stopped
             self.reconciler.forget(idle)
 
+    async def _forget_ended(self) -> None:
+        """Forget, a moment after the first of them ends, the apps let go of whose ticks have ended since:
+        one pass for them all (thousands of ticks end one after another when a share is handed over)."""
+        try:
+            await self.clock.sleep(_FORGET_AFTER)
+        finally:
+            self._forgetting = None
+        self._forget({app for app in self._unforgotten if not self._busy(app)})
+
     def _schedule(self) -> None:
         assert self.loaded is not None  # noqa: S101 - start() loads it first
         self.ownership.set_apps(self.loaded.policy.apps)
@@ -302,8 +313,8 @@ class Daemon:
             _TICK.reset(lease)
             if task is not None:
                 self._in_flight.pop(task, None)
-            if app in self._unforgotten:
-                self._forget({app})
+            if app in self._unforgotten and self._forgetting is None:
+                self._forgetting = asyncio.ensure_future(self._forget_ended())
 
     # ------------------------------------------------------------------ reload
 
@@ -411,10 +422,11 @@ class Daemon:
         log.info("stopping: waiting for %d tick(s) in flight", len(self._in_flight))
         # the apps with no tick running go to the other instances now, not once every tick is over
         await self.ownership.drain()
-        if self._watcher is not None:
-            self._watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watcher
+        for task in (self._watcher, self._forgetting):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         # the ticks in flight finish before the scheduler shuts down: APScheduler's shutdown cancels the
         # jobs it is running (an action cut short, its decision and its cooldown never recorded); until
         # then the jobs it still starts return at once, as _stopping is set
