@@ -313,7 +313,7 @@ class Daemon:
             _TICK.reset(lease)
             if task is not None:
                 self._in_flight.pop(task, None)
-            if app in self._unforgotten and self._forgetting is None:
+            if app in self._unforgotten and self._forgetting is None and not self._stopping.is_set():
                 self._forgetting = asyncio.ensure_future(self._forget_ended())
 
     # ------------------------------------------------------------------ reload
@@ -346,7 +346,11 @@ class Daemon:
             if mtime is None or mtime == self._mtime:
                 seen = None
             elif mtime == seen:
-                self.reload()
+                try:
+                    self.reload()
+                except Exception:  # a bug must not end the watch: later edits would never be loaded
+                    self.reloads.labels("error").inc()
+                    log.exception("policy reload failed unexpectedly, the previous policy stays in force")
             else:
                 seen = mtime
 
@@ -425,7 +429,7 @@ class Daemon:
         for task in (self._watcher, self._forgetting):
             if task is not None:
                 task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
+                with contextlib.suppress(asyncio.CancelledError, Exception):  # its end is not ours to judge
                     await task
         # the ticks in flight finish before the scheduler shuts down: APScheduler's shutdown cancels the
         # jobs it is running (an action cut short, its decision and its cooldown never recorded); until

@@ -343,7 +343,9 @@ class Cluster:
             return
         if self._draining:
             self._joined_until = 0.0
-            wanted = {app for app in self._held if self._busy(app)}  # nothing more taken; kept while busy
+            # kept while a tick of it runs (and its lease has not lapsed here); nothing is taken any more
+            now = self._clock.monotonic()
+            wanted = {app for app, held in self._held.items() if held.until > now and self._busy(app)}
         else:
             self._joined_until = sent + timing.lease - timing.margin
             wanted = ring.share(self._apps, [m.member for m in roster.members if m.live], self.member)
@@ -353,7 +355,11 @@ class Cluster:
         sent = self._clock.monotonic()
         try:
             renewed, acquired = await self._leases.exchange(
-                self.member, timing.lease, renew=renew, release=release, acquire=sorted(wanted - set(renew))
+                self.member,
+                timing.lease,
+                renew=renew,
+                release=release,
+                acquire=[] if self._draining else sorted(wanted - set(renew)),
             )
         except StoreError as exc:
             self._failed(exc)

@@ -395,10 +395,12 @@ def _is_validator_step(part: Any) -> bool:
 
 def parse_policy(text: str, source: str) -> Policy:
     """Validate a policy document; raise PolicyError listing every problem with its line and key path."""
+    composer: type[yaml.SafeLoader] = _FastLoader
     try:
         try:
             data = yaml.load(text, Loader=_FastUniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
         except yaml.YAMLError:
+            composer = yaml.SafeLoader  # what libyaml refuses, the lines are found by the loader that read it
             data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - says why (or, if not, it is read)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
@@ -410,7 +412,7 @@ def parse_policy(text: str, source: str) -> Policy:
     try:
         return Policy.model_validate(data)
     except ValidationError as exc:
-        lines = _lines(yaml.compose(text, Loader=_FastLoader))  # the lines of the keys, to say where
+        lines = _lines(yaml.compose(text, Loader=composer))  # the lines of the keys, to say where
         problems = []
         for error in exc.errors():
             loc = tuple(p for p in error["loc"] if not _is_validator_step(p))

@@ -218,7 +218,7 @@ class Reconciler:
         for app in apps:
             self.status.pop(app, None)
             self.latest_health.pop(app, None)
-            self._health.forget(app)
+            self.latest_health.update(self._health.forget(app))  # the others, if the doubt turned
         self._metrics.forget(apps)
         for key in [k for k in self._states_shown if k[0] in apps]:
             del self._states_shown[key]

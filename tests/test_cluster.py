@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import prometheus_client
 import pytest
 
-from daemon.clock import SystemClock
+from daemon.clock import ManualClock, SystemClock
 from daemon.cluster import Cluster, SoleOwnership, member_name
 from daemon.core import ring
 from daemon.store import open_store
@@ -296,6 +296,42 @@ async def test_a_member_draining_hands_its_idle_apps_over_at_once_and_a_busy_one
         await until(lambda: staying.cluster.owned() == APPS, timeout=3 * HEARTBEAT + 1, what="the last app")
         assert leaving.cluster.owned() == set()
     assert overlaps == []
+
+
+async def test_a_draining_member_whose_busy_app_lapsed_does_not_take_it_again(url: str) -> None:
+    """Draining, a member keeps an app only while its tick runs and its lease holds here: once the lease
+    lapsed (here on its own clock, then in the database), the next look lets it go for good instead of
+    taking it again at a new epoch (held for a tick that can no longer act, it would keep its new owner
+    out until that tick ended)."""
+    clock = ManualClock()  # the member's own time: its lease lapses here when the test says
+    leases, other = PostgresLeases.open(url), PostgresLeases.open(url)
+    cluster = Cluster(
+        leases, clock, member="m1/drain", region="iad", takeover=TAKEOVER, busy=lambda _app: True
+    )
+    try:
+        cluster.set_apps({"app-00"})
+        await cluster.beat()
+        assert cluster.owned() == {"app-00"}
+        await cluster.drain()  # not started: the look is made at once
+        assert cluster.owned() == {"app-00"}  # busy: kept, renewed
+        await clock.advance(LEASE)  # no renewal for a lease's length here: lapsed locally
+        assert cluster.owned() == set()
+
+        async def expired() -> bool:
+            roster = await other.join("m2/watcher", "cdg", 0.0, LEASE)
+            return "app-00" not in roster.owners
+
+        deadline = time.monotonic() + LEASE + 2
+        while not await expired():  # in the database too, by its own clock
+            assert time.monotonic() < deadline, "the lease never expired in the database"
+            await asyncio.sleep(0.05)
+        await cluster.beat()
+        assert cluster.owned() == set()
+        assert await expired(), "taken again while draining"
+    finally:
+        await cluster.stop()
+        await leases.close()
+        await other.close()
 
 
 # ---------------------------------------------------------------------------------------------- death

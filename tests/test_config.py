@@ -643,6 +643,13 @@ def test_duplicate_keys_name_both_lines(text: str, problem: str) -> None:
     assert problems(text) == [problem]
 
 
+def test_a_document_libyaml_refuses_but_yaml_allows_is_read_and_its_problems_have_lines() -> None:
+    """A directive libyaml does not know (PyYAML's own parser only warns of it): the policy is read by the
+    pure-Python loader, and its problems are located by the same loader, not raised as YAML errors."""
+    text = "%FOO bar\n---\napps:\n  shop:\n    regions: {iad: {max: 2}}\n    nope: 1\n"
+    assert problems(text) == [f"{SOURCE}:6: apps.shop.nope: unknown key"]
+
+
 @pytest.mark.parametrize(
     ("text", "problem"),
     [

@@ -196,7 +196,20 @@ def failover_shares(
 
 
 def _window(recommendations: Sequence[tuple[float, int]], now: float, seconds: float) -> list[int]:
-    return [desired for at, desired in recommendations if now - at <= seconds]
+    """The recommendations in force over the last `seconds`: those made in it, and the last one made
+    before it, which held until the next (ticks further apart than the window, or a gap with no tick at
+    all, leave the window's start covered by what was recommended then, not by nothing)."""
+    inside = [desired for at, desired in recommendations if now - at <= seconds]
+    if seconds > 0 and (in_force := _in_force_at_start(recommendations, now, seconds)):
+        inside.append(in_force[0][1])
+    return inside
+
+
+def _in_force_at_start(
+    recommendations: Sequence[tuple[float, int]], now: float, seconds: float
+) -> list[tuple[float, int]]:
+    """The recommendation in force when the last `seconds` began (the last one made by then), if any."""
+    return [r for r in recommendations if now - r[0] >= seconds][-1:]
 
 
 def decide(
@@ -241,11 +254,13 @@ def decide(
                 f"{reason}; {side} {getattr(bound, side)}"
                 + (f" ({'; '.join(schedule_notes[region.region])})" if schedule_notes[region.region] else ""),
             )
-        history = tuple((at, d) for at, d in memory.recommendations if now - at <= longest)
-        if not history and rules.down.stabilization > 0:
-            # first sight of the region (new, or its memory lost), or none for longer than the window (no
-            # tick could decide: the API, the store or this instance down): the down window it has not
-            # watched is taken to have recommended the current count, so a scale-down waits a window
+        # the longest window's recommendations, and the last one before it (in force at its start)
+        kept = memory.recommendations
+        older = [(at, d) for at, d in kept if now - at > longest][-1:] if longest > 0 else []
+        history = (*older, *((at, d) for at, d in kept if now - at <= longest))
+        if not memory.recommendations and rules.down.stabilization > 0:
+            # first sight of the region (new, or its memory lost): the down window it has not watched is
+            # taken to have recommended the current count, so a first scale-down waits a window like any other
             history = ((now, max(desired, region.started)),)
         recommendations = (*history, (now, desired))
         last_demand = memory.last_demand

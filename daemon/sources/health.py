@@ -109,7 +109,9 @@ class HealthWatch:
         alone, unless it turned the doubt on or off: then every app seen, each judged again."""
         self._observed[health.app] = health
         flipped = self._doubt.update(health.app, health.regions.values())
-        apps = list(self._observed.values()) if flipped else [health]
+        return self._judged(self._observed.values() if flipped else [health])
+
+    def _judged(self, apps: Iterable[AppHealth]) -> dict[str, AppHealth]:
         result = {}
         for observed in apps:
             regions = doubted(observed.regions) if self._doubt.active else dict(observed.regions)
@@ -117,22 +119,25 @@ class HealthWatch:
             self._export(judged)
         return result
 
-    def forget(self, app: str) -> None:
+    def forget(self, app: str) -> dict[str, AppHealth]:
         """Drop everything kept of `app` (probe history, exported verdict series): watched again later, its
-        machines start afresh, as after a restart, and no verdict of the time before stays exported."""
+        machines start afresh, as after a restart, and no verdict of the time before stays exported. The
+        other apps judged again if that turned the doubt on or off (as `judge`), else none."""
         self._history.pop(app, None)
         self._observed.pop(app, None)
+        before = self._doubt.active
         self._doubt.forget(app)
+        rejudged = self._judged(self._observed.values()) if self._doubt.active != before else {}
         machines = self._machines_seen.pop(app, {})
         regions = self._regions_seen.pop(app, set())
         metrics = self._metrics
-        if metrics is None:
-            return
-        for machine_id, region in machines.items():
-            metrics.machine_healthy.remove(app, region, machine_id)
-        for region in regions:
-            for state in RegionState:
-                metrics.region_health.remove(app, region, state.value)
+        if metrics is not None:
+            for machine_id, region in machines.items():
+                metrics.machine_healthy.remove(app, region, machine_id)
+            for region in regions:
+                for state in RegionState:
+                    metrics.region_health.remove(app, region, state.value)
+        return rejudged
 
     def _count(self, app: str, region: str, label: str, latency: float) -> None:
         if self._metrics is not None:

@@ -422,6 +422,20 @@ def test_first_sight_waits_a_whole_down_window() -> None:
     assert fleet.actions == [(T0 + 65, "iad", SCALE_DOWN, 1), (T0 + 95, "iad", SCALE_DOWN, 1)]
 
 
+def test_ticks_further_apart_than_the_window_still_see_the_drop_in_force_at_its_start() -> None:
+    """A down window shorter than the time between ticks (slow ticks, a loaded machine) neither blocks a
+    scale-down for ever nor lets one through on a single low reading: the recommendation in force at the
+    window's start counts, so the drop is followed at the second tick that sees it."""
+    rules = Rules(target_per_machine=10, down=Direction(3, 0, 1000))
+    fleet = Fleet(rules, {"iad": Bounds(1, 20)}, {"iad": 3})
+    for second in (0.0, 3.2, 6.4):
+        fleet.tick(T0 + second, {"iad": 30.0})
+    first = fleet.tick(T0 + 9.6, {"iad": 10.0})["iad"]
+    assert first.not_acting == {"stabilization": "highest recommendation in the last 3s is 3"}
+    fleet.tick(T0 + 12.8, {"iad": 10.0})
+    assert fleet.actions == [(T0 + 12.8, "iad", SCALE_DOWN, 2)]
+
+
 def test_a_gap_longer_than_the_window_waits_a_whole_down_window_again() -> None:
     """Recommendations all older than the down window (no tick decided for longer than it: the API or
     this instance down) are no window at all: a drop seen after the gap waits a whole window, as at first
@@ -434,7 +448,7 @@ def test_a_gap_longer_than_the_window_waits_a_whole_down_window_again() -> None:
     assert after.not_acting == {"stabilization": "highest recommendation in the last 60s is 6"}
     for second in range(5, 100, 5):
         fleet.tick(back + second, {"iad": 20.0})
-    assert fleet.actions[0][:2] == (back + 65, "iad")
+    assert fleet.actions[0][:2] == (back + 60, "iad")  # the first tick with only the drop in its window
 
 
 # ---------------------------------------------------------------------------- steps and cooldowns
@@ -552,14 +566,17 @@ def test_scale_up_window_goes_to_the_lowest() -> None:
     [(0.0, 60.0, 60.0), (90.0, 60.0, 90.0), (0.0, 0.0, 0.0), (30.0, 300.0, 300.0)],
 )
 def test_memory_keeps_only_the_longest_window(up: float, down: float, kept: float) -> None:
-    """Memories keep the recommendations of the longest window and drop older ones."""
+    """Memories keep the recommendations of the longest window, and the last one before it (in force
+    when the window began), and drop older ones."""
     rules = Rules(target_per_machine=10, up=Direction(up, 10, 4), down=Direction(down, 30, 1))
     fleet = Fleet(rules, {"iad": Bounds(0, 20)}, {"iad": 2})
     for second in range(0, 600, 5):
         fleet.tick(T0 + second, {"iad": 20.0 + second % 20})
     now = T0 + 595
     ats = [at for at, _ in fleet.memories["iad"].recommendations]
-    assert ats == [T0 + s for s in range(0, 600, 5) if now - (T0 + s) <= kept]
+    inside = [T0 + s for s in range(0, 600, 5) if now - (T0 + s) <= kept]
+    before = [T0 + s for s in range(0, 600, 5) if now - (T0 + s) > kept][-1:] if kept else []
+    assert ats == before + inside
     assert ats[-1] == now
 
 

@@ -262,7 +262,9 @@ def test_judging_an_app_judges_it_alone_unless_it_turns_the_doubt_on_or_off(
         == 1.0
     )
 
-    watch.forget("api")  # the one that answered is gone: shop alone is silent again
-    again = watch.judge(observed("shop", iad=u, cdg=u))
-    assert set(again) == {"shop"}
-    assert "connectivity is in doubt" in again["shop"].regions["iad"].reason
+    rejudged = watch.forget("api")  # the one that answered is gone: shop alone is silent, doubted again
+    assert set(rejudged) == {"shop"}
+    assert "connectivity is in doubt" in rejudged["shop"].regions["iad"].reason
+    labels = {"fly_app": "shop", "fly_region": "iad", "state": "unknown"}
+    assert registry.get_sample_value("flywatch_region_health", labels) == 1.0
+    assert watch.forget("shop") == {}  # nothing else left to judge
