@@ -417,8 +417,9 @@ def cluster_section(result: dict[str, Any]) -> str:
         k8s = takeover["kubernetes"]
         exits = times("term", "exited_seconds")
         stopped = (
-            f" A stopped instance lets its ticks in flight finish first (it exited {_spread(exits, 2)} s"
-            " after the signal)."
+            " A stopped instance leaves the members and releases every app with no tick running at once,"
+            " each of the others when its tick ends; the survivors take them at their next look, up to a"
+            f" heartbeat later (it exited {_spread(exits, 2)} s after the signal)."
             if exits
             else ""
         )
