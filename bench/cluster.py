@@ -459,6 +459,13 @@ async def _taken_over(survivors: list[Instance], apps: set[str], since: float) -
     return taken
 
 
+async def _exited(proc: subprocess.Popen[bytes], since: float) -> float:
+    """Seconds from `since` until `proc` has exited (polled every 10 ms, for 90 s at most)."""
+    while proc.poll() is None and time.monotonic() < since + 90:
+        await asyncio.sleep(0.01)
+    return time.monotonic() - since
+
+
 async def _takeover(workdir: Path, api_url: str, kills: int, leaves: int) -> dict[str, Any]:
     runs: list[dict[str, Any]] = []
     instances: list[Instance] = []
@@ -479,9 +486,9 @@ async def _takeover(workdir: Path, api_url: str, kills: int, leaves: int) -> dic
                 survivors = [i for i in instances if i is not victim]
                 since = time.monotonic()
                 victim.proc.send_signal(signal.SIGKILL if how == "kill" else signal.SIGTERM)
+                exited = asyncio.ensure_future(_exited(victim.proc, since))  # watched meanwhile, not after
                 taken = await _taken_over(survivors, apps, since)
-                while victim.proc.poll() is None and time.monotonic() < since + 90:
-                    await asyncio.sleep(POLL)
+                exited_seconds = await exited
                 runs.append(
                     {
                         "how": how,
@@ -490,7 +497,7 @@ async def _takeover(workdir: Path, api_url: str, kills: int, leaves: int) -> dic
                         "first_seconds": min(taken.values()),
                         "exit_code": victim.proc.poll(),
                         # SIGTERM: the ticks in flight finish, then the leases are given up, then it exits
-                        "exited_seconds": time.monotonic() - since,
+                        "exited_seconds": exited_seconds,
                     }
                 )
                 instances.remove(victim)
