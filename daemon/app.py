@@ -69,6 +69,8 @@ _STOP_GRACE = 60.0  # seconds the ticks in flight get to finish on SIGTERM
 _TICK_SLOTS = 64
 _UNWIND_GRACE = 5.0  # seconds the ticks cancelled after it get to unwind
 _WATCH_EVERY = 2.0  # seconds between looks at the policy file
+_HOUSEKEEPING = "housekeeping"  # the job that removes old decisions
+_HOUSEKEEPING_EVERY = 3600.0  # seconds between its rounds
 _FORGET_AFTER = 0.5  # seconds the apps let go of whose ticks end are gathered, to be forgotten together
 
 
@@ -264,6 +266,9 @@ class Daemon:
         # held again before the tick that kept it from being forgotten ended: what is known of it stays
         self._unforgotten -= owned
         wanted = set()
+        if self.settings.decision_retention > 0:
+            wanted.add(_HOUSEKEEPING)
+            self._scheduler.every(_HOUSEKEEPING, _HOUSEKEEPING_EVERY, self.housekeep)
         for app, policy in self.loaded.policy.apps.items():
             if app not in owned:
                 continue  # another instance's, or not yet ours
@@ -283,6 +288,23 @@ class Daemon:
             register_secret(webhook.url.get_secret_value())  # a webhook URL never appears in a log line
         if self.alerter is not None:
             self.alerter.configure(_webhooks(self.loaded))
+
+    async def housekeep(self) -> int:
+        """Remove the decisions older than FLYWATCH_DECISION_RETENTION; how many went. Any instance of a
+        cluster may (the same rows go whoever removes them); a store that fails is tried at the next round."""
+        retention = self.settings.decision_retention
+        if self.store is None or retention <= 0 or self._stopping.is_set():
+            return 0
+        try:
+            gone = await self.store.expire(DECISIONS, self.clock.now() - retention)
+        except StoreError as exc:
+            log.warning("could not remove the old decisions (tried again in an hour): %s", exc)
+            return 0
+        if gone:
+            log.info(
+                "removed %d decision(s) older than %s (FLYWATCH_DECISION_RETENTION)", gone, _days(retention)
+            )
+        return gone
 
     async def _job(self, kind: str, app: str) -> None:
         """A scheduled tick, once a slot is free; it reads the policy in force when it starts, and is waited
@@ -474,6 +496,10 @@ class Daemon:
 
 def _webhooks(loaded: LoadedPolicy) -> list[WebhookTarget]:
     return [WebhookTarget(w.url.get_secret_value(), w.format) for w in loaded.policy.alerts.webhooks]
+
+
+def _days(seconds: float) -> str:
+    return f"{seconds / 86400:g} days" if seconds >= 86400 else f"{seconds / 3600:g} hours"
 
 
 def _mtime(path: Path) -> float | None:

@@ -7,13 +7,24 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import AliasChoices, Field, SecretStr
+from pydantic import AliasChoices, BeforeValidator, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from daemon.config import parse_duration
 from daemon.fly.client import DEFAULT_BASE_URL, INTERNAL_BASE_URL
+
+
+def _duration(value: Any) -> float:
+    """A duration as the policy writes one ("14d", "36h", "90m"), or a number of seconds."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return parse_duration(value)
+    return parse_duration(value)
 
 
 def _default_api_url() -> str:
@@ -45,6 +56,11 @@ class Settings(BaseSettings):
     instance: str | None = None  # FLYWATCH_INSTANCE: this instance's name; default the Fly machine's id
     machine_id: str | None = Field(default=None, validation_alias=AliasChoices("FLY_MACHINE_ID"))
     region: str = Field(default="local", validation_alias=AliasChoices("FLYWATCH_REGION", "FLY_REGION"))
+    # FLYWATCH_DECISION_RETENTION: how long every decision stays in the state (a record per region per
+    # tick: thousands of apps write thousands a second); "0" keeps them for ever
+    decision_retention: Annotated[float, BeforeValidator(_duration)] = Field(
+        default=14 * 86400.0, ge=0.0, allow_inf_nan=False
+    )
 
     @property
     def effective_prometheus_url(self) -> str | None:

@@ -95,6 +95,10 @@ class Store(Protocol):
         """Keep the newest `keep` entries of the stream; returns how many were removed."""
         ...
 
+    async def expire(self, stream: str, before: float) -> int:
+        """Remove the stream's entries recorded (their `at`) before `before`; returns how many."""
+        ...
+
     async def close(self) -> None:
         """Release the store; later calls raise StoreError. Closing twice is fine."""
         ...

@@ -77,6 +77,7 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )""",
         "CREATE INDEX flywatch_leases_by_owner ON flywatch_leases (owner)",
     ),
+    ("CREATE INDEX flywatch_streams_by_stream_at ON flywatch_streams (stream, at)",),  # expire(): by age
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
 

@@ -24,6 +24,7 @@ from typing import Any, ClassVar, TypeVar
 from daemon.store.base import Entry, Fence, FencedError, StoreError, decode, encode
 
 _T = TypeVar("_T")
+_EXPIRE_BATCH = 5000  # entries one statement of expire() removes at most
 
 
 def document(namespace: str, key: str) -> str:
@@ -196,6 +197,25 @@ class SqlStore(SqlConnection):
             ]
 
         return await self._run(what, work)
+
+    async def expire(self, stream: str, before: float) -> int:
+        what, p = f"expire {stream}", self.P
+        if not math.isfinite(before):
+            raise StoreError(f"{self._name}: {what}: `before` must be a finite time, not {before!r}")
+        # in batches, each a statement of its own: the other writers (every tick's) wait for a batch at
+        # most, not for a first expiry of millions of entries
+        sql = (
+            f"DELETE FROM {self.ENTRIES} WHERE id IN ("
+            f" SELECT id FROM {self.ENTRIES} WHERE stream = {p} AND at < {p} LIMIT {_EXPIRE_BATCH})"
+        )
+        gone = 0
+        while True:
+            batch: int = await self._run(
+                what, lambda connection: max(connection.execute(sql, (stream, float(before))).rowcount, 0)
+            )
+            gone += batch
+            if batch < _EXPIRE_BATCH:
+                return gone
 
     async def trim(self, stream: str, keep: int) -> int:
         what, p = f"trim {stream}", self.P

@@ -46,6 +46,7 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE INDEX entries_by_stream ON entries (stream, id)",
         "CREATE INDEX entries_by_stream_key ON entries (stream, key, id)",
     ),
+    ("CREATE INDEX entries_by_stream_at ON entries (stream, at)",),  # expire(): by age, not by a scan
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import httpx
 
+from daemon.sim.model import SimSettings
 from daemon.sim.server import SimServer
 from tests.conftest import AUTH
 from tests.sim.helpers import machine_ids, make_app, wait_state
@@ -118,8 +119,12 @@ async def test_create_errors(api: httpx.AsyncClient, control: httpx.AsyncClient)
     assert (await api.post("/apps/ghost/machines", json={"config": {"image": "x"}})).status_code == 404
 
 
-async def test_stop_start_suspend_restart(api: httpx.AsyncClient, control: httpx.AsyncClient) -> None:
+async def test_stop_start_suspend_restart(
+    api: httpx.AsyncClient, control: httpx.AsyncClient, settings: SimSettings
+) -> None:
     """The lifecycle calls move through transient states to their settled ones, and refuse wrong states."""
+    # the transient states read right after their calls last long enough to be read on a loaded host
+    settings.state_delays.update(stopping=1.0, restarting=1.0)
     await make_app(control)
     machine_id = (await machine_ids(api))[0]
     path = f"/apps/shop/machines/{machine_id}"
@@ -165,7 +170,7 @@ async def test_destroy_needs_force_for_a_running_machine(
 
 
 async def test_update_replaces_config_and_keeps_state(
-    api: httpx.AsyncClient, control: httpx.AsyncClient
+    api: httpx.AsyncClient, control: httpx.AsyncClient, settings: SimSettings
 ) -> None:
     """Update needs the whole config, checks current_version, mints an instance_id; stopped stays stopped."""
     await make_app(control)
@@ -199,6 +204,7 @@ async def test_update_replaces_config_and_keeps_state(
     assert (await api.post(f"/apps/shop/machines/{running}", json={"config": {"env": {}}})).status_code == 400
     moved = await api.post(f"/apps/shop/machines/{running}", json={"config": config, "region": "nrt"})
     assert moved.status_code == 400
+    settings.state_delays["replacing"] = 30.0  # replacing still when the start comes, however loaded the host
     await api.post(f"/apps/shop/machines/{parked}", json={"config": config})
     replacing = await api.post(f"/apps/shop/machines/{parked}/start")
     assert replacing.status_code == 412

@@ -179,6 +179,22 @@ async def test_trim_to_zero_empties_the_stream_and_ids_still_increase(store: Sto
     assert await store.append("decisions", {"n": 3}, at=3.0) > last
 
 
+async def test_expire_removes_what_is_older_than_its_time_in_its_stream_only(store: Store) -> None:
+    """Expire removes the stream's entries whose `at` is before the time given (not at it), whatever
+    their keys, leaves other streams alone, and counts what went; a time that is not finite is refused."""
+    for n in range(6):
+        await store.append("decisions", {"n": n}, at=100.0 + n, key=f"app-{n % 2}")
+    await store.append("other", {"n": 99}, at=0.0)
+    assert await store.expire("decisions", before=103.0) == 3
+    assert [e.record["n"] for e in await store.read("decisions")] == [5, 4, 3]
+    assert await store.expire("decisions", before=103.0) == 0
+    assert await store.expire("never", before=1e12) == 0
+    assert [e.record for e in await store.read("other")] == [{"n": 99}]
+    with pytest.raises(StoreError, match="finite"):
+        await store.expire("decisions", before=float("nan"))
+    assert len(await store.read("decisions")) == 3
+
+
 async def test_trim_refuses_a_negative_keep(store: Store) -> None:
     """A negative `keep` is a StoreError, and nothing is removed."""
     await store.append("decisions", {"n": 1}, at=1.0)

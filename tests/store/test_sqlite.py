@@ -40,10 +40,14 @@ async def test_the_file_is_in_wal_mode_with_full_sync(store: SQLiteStore, path: 
 
 
 async def test_the_schema_version_is_recorded_once(store: SQLiteStore, path: Path) -> None:
-    """A new file records the current schema version; opening it again adds nothing."""
+    """A new file records every schema version it went through, once; opening it again adds nothing; the
+    last migration's index (the decisions' expiry by age) is there."""
     await store.close()
     await SQLiteStore.open(str(path)).close()
-    assert _raw(path, "SELECT version FROM schema_version") == [(SCHEMA_VERSION,)]
+    versions = [(version,) for version in range(1, SCHEMA_VERSION + 1)]
+    assert _raw(path, "SELECT version FROM schema_version ORDER BY version") == versions
+    indexes = _raw(path, "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'entries'")
+    assert ("entries_by_stream_at",) in indexes
 
 
 @pytest.fixture
