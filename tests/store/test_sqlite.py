@@ -50,6 +50,24 @@ async def test_the_schema_version_is_recorded_once(store: SQLiteStore, path: Pat
     assert ("entries_by_stream_at",) in indexes
 
 
+async def test_a_file_of_the_first_schema_is_migrated_keeping_its_entries(
+    store: SQLiteStore, path: Path
+) -> None:
+    """A file made before the index by age (schema 1, as files in the field are) gets it when opened, and
+    what it held is still there and expires by age."""
+    await store.append("decisions", {"n": 1}, at=10.0)
+    await store.close()
+    _raw(path, "DROP INDEX entries_by_stream_at")
+    _raw(path, "DELETE FROM schema_version WHERE version > 1")
+    reopened = SQLiteStore.open(str(path))
+    try:
+        assert _raw(path, "SELECT max(version) FROM schema_version") == [(SCHEMA_VERSION,)]
+        assert ("entries_by_stream_at",) in _raw(path, "SELECT name FROM sqlite_master WHERE type = 'index'")
+        assert await reopened.expire("decisions", before=11.0) == 1
+    finally:
+        await reopened.close()
+
+
 @pytest.fixture
 def empty_file(path: Path) -> Path:
     path.touch()
