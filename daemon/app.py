@@ -28,7 +28,7 @@ from daemon import __version__
 from daemon.actuator import Actuator
 from daemon.alerts import Alerter, WebhookTarget
 from daemon.clock import Clock, SystemClock
-from daemon.cluster import Cluster, Ownership, SoleOwnership, member_name
+from daemon.cluster import DRY_RUN, Cluster, Ownership, Scoped, SoleOwnership, member_name
 from daemon.config import LoadedPolicy, PolicyError, load_policy
 from daemon.fly.client import MachinesClient
 from daemon.reconciler import DECISIONS, Reconciler
@@ -200,6 +200,8 @@ class Daemon:
         """Alone on a SQLite store; a member of a cluster on PostgreSQL (cluster.py)."""
         settings = self.settings
         member = member_name(settings.instance, settings.machine_id, platform.node(), secrets.token_hex(3))
+        if settings.dry_run and isinstance(store, PostgresStore):
+            member = DRY_RUN + member  # a dry run shares the apps with other dry runs only (cluster.Scoped)
         metrics = ClusterMetrics(self.registry)
         if not isinstance(store, PostgresStore):
             if settings.cluster:
@@ -212,7 +214,7 @@ class Daemon:
         leases = PostgresLeases.open(settings.state_url)  # a connection of its own: heartbeats never queue
         self._closers.append(leases.close)
         return Cluster(
-            leases,
+            Scoped(leases, dry_run=settings.dry_run),
             self.clock,
             member=member,
             region=settings.region,

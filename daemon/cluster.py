@@ -248,7 +248,9 @@ class Cluster:
     def fence(self, app: str) -> Fence:
         held = self._held.get(app)
         # not held: the last epoch we had, which the database refuses now that the lease is not ours
-        return Fence(app, self.member, held.epoch if held is not None else self._epochs.get(app, 0))
+        epoch = held.epoch if held is not None else self._epochs.get(app, 0)
+        key = self._leases.key(app) if isinstance(self._leases, Scoped) else app
+        return Fence(app, self.member, epoch, lease="" if key == app else key)
 
     def set_apps(self, apps: Iterable[str]) -> None:
         apps = set(apps)
@@ -477,6 +479,66 @@ def _some(apps: Iterable[str], shown: int = 5) -> str:
     names = sorted(apps)
     more = f" and {len(names) - shown} more" if len(names) > shown else ""
     return ", ".join(names[:shown]) + more
+
+
+DRY_RUN = "dry-run:"  # the mark of a dry run's members and lease rows (no Fly app name holds a colon)
+
+
+class Scoped:
+    """The lease table as the instances of one mode see it. Dry runs (FLYWATCH_DRY_RUN) and live instances
+    share the tables but never each other's apps: a dry run's members and lease rows carry the DRY_RUN mark,
+    and each side sees only its own. A dry run started beside a live cluster (to try a policy) therefore
+    takes no app away from it: it shares the apps with the other dry runs alone, or watches them all by
+    itself. Live instances see the tables as they are, less any dry run's rows."""
+
+    def __init__(self, table: LeaseTable, *, dry_run: bool) -> None:
+        self._table = table
+        self._mark = DRY_RUN if dry_run else ""
+
+    def key(self, app: str) -> str:
+        """An app's lease row."""
+        return self._mark + app
+
+    def _ours(self, name: str) -> bool:
+        return name.startswith(DRY_RUN) if self._mark else not name.startswith(DRY_RUN)
+
+    def _seen(self, roster: Roster) -> Roster:
+        members = tuple(m for m in roster.members if self._ours(m.member))
+        owners = {key.removeprefix(self._mark): o for key, o in roster.owners.items() if self._ours(key)}
+        return Roster(members, owners)
+
+    async def join(self, member: str, region: str, started_at: float, ttl: float) -> Roster:
+        return self._seen(await self._table.join(member, region, started_at, ttl))
+
+    async def withdraw(self, member: str) -> Roster:
+        return self._seen(await self._table.withdraw(member))
+
+    async def exchange(
+        self,
+        member: str,
+        ttl: float,
+        *,
+        renew: dict[str, int],
+        release: dict[str, int],
+        acquire: list[str],
+    ) -> tuple[set[str], dict[str, int]]:
+        renewed, acquired = await self._table.exchange(
+            member,
+            ttl,
+            renew={self.key(app): epoch for app, epoch in renew.items()},
+            release={self.key(app): epoch for app, epoch in release.items()},
+            acquire=[self.key(app) for app in acquire],
+        )
+        return (
+            {key.removeprefix(self._mark) for key in renewed},
+            {key.removeprefix(self._mark): epoch for key, epoch in acquired.items()},
+        )
+
+    async def leave(self, member: str) -> None:
+        await self._table.leave(member)
+
+    async def close(self) -> None:
+        await self._table.close()
 
 
 def member_name(configured: str | None, machine: str | None, host: str, token: str) -> str:

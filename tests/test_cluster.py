@@ -17,10 +17,10 @@ import prometheus_client
 import pytest
 
 from daemon.clock import ManualClock, SystemClock
-from daemon.cluster import Cluster, SoleOwnership, member_name
+from daemon.cluster import Cluster, Scoped, SoleOwnership, member_name
 from daemon.core import ring
 from daemon.store import open_store
-from daemon.store.base import Fence
+from daemon.store.base import Fence, FencedError
 from daemon.store.postgres import PostgresLeases, Roster
 from daemon.telemetry.metrics import ClusterMetrics
 from tests.store.conftest import new_postgres_schema, postgres_schema_url
@@ -332,6 +332,93 @@ async def test_a_draining_member_whose_busy_app_lapsed_does_not_take_it_again(ur
         await cluster.stop()
         await leases.close()
         await other.close()
+
+
+async def test_a_dry_run_beside_a_live_cluster_takes_no_app_from_it_and_its_fences_hold(url: str) -> None:
+    """Two live members and a dry run on one database: the live ones split every app between them as if
+    the dry run were not there, the dry run holds every app on its own rows (its writes fenced by them),
+    and none of them sees the other side's leases as owners; a second dry run shares with the first."""
+    tables = [PostgresLeases.open(url) for _ in range(4)]
+    clock = SystemClock()
+
+    def member(n: int, *, dry_run: bool) -> Cluster:
+        name = ("dry-run:" if dry_run else "") + f"m{n}/t{n}"
+        scoped = Scoped(tables[n], dry_run=dry_run)
+        return Cluster(scoped, clock, member=name, region="iad", takeover=TAKEOVER)
+
+    live = [member(0, dry_run=False), member(1, dry_run=False)]
+    dry = member(2, dry_run=True)
+    store = open_store(url)
+    try:
+        for cluster in (*live, dry):
+            cluster.set_apps(APPS)
+            await cluster.start(lambda _gained, _lost: None)
+        expected = ring.assign(APPS, [c.member for c in live])
+        await until(
+            lambda: (
+                all(c.owned() == {a for a, o in expected.items() if o == c.member} for c in live)
+                and dry.owned() == APPS
+            ),
+            timeout=8.0,
+            what="live members splitting the apps and the dry run holding them all",
+        )
+        assert set(dry.status_json()["owners"].values()) == {dry.member}
+        await until(  # each live member's view: the live owners only (the other's, once it looked again)
+            lambda: set(live[0].status_json()["owners"].values()) == {c.member for c in live},
+            timeout=3 * HEARTBEAT + 1,
+            what="the live view of the owners",
+        )
+        app = min(APPS)
+        await store.put("dry-run-scaling", app, {"n": 1}, fence=dry.fence(app))  # its own row fences it
+        assert dry.fence(app).key == f"dry-run:{app}"
+        owner = next(c for c in live if app in c.owned())
+        await store.put("scaling", app, {"n": 2}, fence=owner.fence(app))
+        with pytest.raises(FencedError):  # the dry run's fence is no proof of the live lease
+            await store.put("scaling", app, {"n": 3}, fence=Fence(app, dry.member, dry.fence(app).epoch))
+        second = member(3, dry_run=True)
+        second.set_apps(APPS)
+        await second.start(lambda _gained, _lost: None)
+        shared = ring.assign(APPS, [dry.member, second.member])
+        await until(
+            lambda: (
+                dry.owned() == {a for a, o in shared.items() if o == dry.member}
+                and second.owned() == {a for a, o in shared.items() if o == second.member}
+            ),
+            timeout=8.0,
+            what="two dry runs sharing the apps",
+        )
+        assert all(c.owned() == {a for a, o in expected.items() if o == c.member} for c in live)
+        await second.stop()
+    finally:
+        for cluster in (*live, dry):
+            await cluster.stop()
+        for table in tables:
+            await table.close()
+        await store.close()
+
+
+async def test_the_daemon_in_dry_run_on_postgresql_joins_as_a_dry_run(
+    url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """FLYWATCH_DRY_RUN on a PostgreSQL state: the daemon's member carries the dry-run mark and its lease
+    table is the dry runs' (live, neither)."""
+    from daemon.app import Daemon  # noqa: PLC0415 - the composition root, only for this test
+    from daemon.settings import Settings  # noqa: PLC0415
+
+    monkeypatch.setenv("FLYWATCH_STATE_URL", url)
+    for dry_run, marked in (("true", True), ("false", False)):
+        monkeypatch.setenv("FLYWATCH_DRY_RUN", dry_run)
+        daemon = Daemon(Settings())
+        store = open_store(url)
+        try:
+            ownership = daemon._ownership(store)
+            assert isinstance(ownership, Cluster)
+            assert ownership.member.startswith("dry-run:") is marked
+            assert ownership.fence("shop").key == ("dry-run:shop" if marked else "shop")
+        finally:
+            for close in daemon._closers:
+                await close()
+            await store.close()
 
 
 # ---------------------------------------------------------------------------------------------- death

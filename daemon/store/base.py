@@ -38,6 +38,11 @@ class Fence:
     app: str
     owner: str
     epoch: int
+    lease: str = ""  # the lease row's key when it is not the app's name (a dry run's leases: cluster.py)
+
+    @property
+    def key(self) -> str:
+        return self.lease or self.app
 
 
 Fences = Callable[[str], "Fence | None"]  # the fence for writes about an app (None: none needed)

@@ -167,7 +167,7 @@ class PostgresStore(SqlStore, _PostgresConnection):
             held = connection.execute(
                 "SELECT 1 FROM flywatch_leases WHERE app = %s AND owner = %s AND epoch = %s"
                 " AND expires_at > now() FOR SHARE",
-                (fence.app, fence.owner, fence.epoch),
+                (fence.key, fence.owner, fence.epoch),
             ).fetchone()
             return None if held is None else work(connection)
 
