@@ -139,6 +139,10 @@ class SoleOwnership:
 class LeaseTable(Protocol):
     """The membership and lease tables (store/postgres.py's PostgresLeases)."""
 
+    def key(self, app: str) -> str:
+        """The lease row of `app` (its name, but for a dry run's: Scoped)."""
+        ...
+
     async def join(self, member: str, region: str, started_at: float, ttl: float) -> Roster: ...
 
     async def exchange(
@@ -249,7 +253,7 @@ class Cluster:
         held = self._held.get(app)
         # not held: the last epoch we had, which the database refuses now that the lease is not ours
         epoch = held.epoch if held is not None else self._epochs.get(app, 0)
-        key = self._leases.key(app) if isinstance(self._leases, Scoped) else app
+        key = self._leases.key(app)
         return Fence(app, self.member, epoch, lease="" if key == app else key)
 
     def set_apps(self, apps: Iterable[str]) -> None:

@@ -582,6 +582,9 @@ class _Slow:
         self._inner = inner
         self._delay = delay
 
+    def key(self, app: str) -> str:
+        return self._inner.key(app)
+
     async def join(self, member: str, region: str, started_at: float, ttl: float) -> Roster:
         await asyncio.sleep(self._delay)
         return await self._inner.join(member, region, started_at, ttl)

@@ -200,16 +200,10 @@ def _window(recommendations: Sequence[tuple[float, int]], now: float, seconds: f
     before it, which held until the next (ticks further apart than the window, or a gap with no tick at
     all, leave the window's start covered by what was recommended then, not by nothing)."""
     inside = [desired for at, desired in recommendations if now - at <= seconds]
-    if seconds > 0 and (in_force := _in_force_at_start(recommendations, now, seconds)):
-        inside.append(in_force[0][1])
+    started = [desired for at, desired in recommendations if now - at >= seconds]  # made by its start
+    if seconds > 0 and started:
+        inside.append(started[-1])
     return inside
-
-
-def _in_force_at_start(
-    recommendations: Sequence[tuple[float, int]], now: float, seconds: float
-) -> list[tuple[float, int]]:
-    """The recommendation in force when the last `seconds` began (the last one made by then), if any."""
-    return [r for r in recommendations if now - r[0] >= seconds][-1:]
 
 
 def decide(

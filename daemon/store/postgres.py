@@ -215,6 +215,10 @@ class PostgresLeases(_PostgresConnection):
         connection, secrets, conninfo = _connect(url, name)
         return cls(connection, name, secrets, conninfo)
 
+    def key(self, app: str) -> str:
+        """The lease row of `app`: its name."""
+        return app
+
     async def join(self, member: str, region: str, started_at: float, ttl: float) -> Roster:
         """Renew `member`'s row for `ttl` seconds; the roster as it stands."""
 
