@@ -272,7 +272,11 @@ async def test_kill_9_and_a_restart_keep_the_cooldown(
     # until then the restarted daemon held iad, and said why
     waited = [d for d in after if d["at"] < acted[0]["at"]]
     assert waited
-    assert all("cooldown" in d["not_acting"] for d in waited)
+    # by the cooldown, or, first, by the killed daemon's machine still starting ("settling", which the core
+    # checks before the cooldown: a restart on a fast host comes back before that machine has started)
+    reasons = [sorted(d["not_acting"]) for d in waited]
+    assert all({"cooldown", "settling"} & set(r) for r in reasons), reasons
+    assert any("cooldown" in r for r in reasons) or acted[0]["at"] - first["time"] >= cooldown, reasons
 
 
 async def test_sighup_with_a_broken_policy_keeps_the_old_one(
