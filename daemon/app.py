@@ -337,6 +337,7 @@ class Daemon:
             _TICK.reset(lease)
             if task is not None:
                 self._in_flight.pop(task, None)
+            self.ownership.ended(app)
             if app in self._unforgotten and self._forgetting is None and not self._stopping.is_set():
                 self._forgetting = asyncio.ensure_future(self._forget_ended())
 

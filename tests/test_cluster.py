@@ -14,14 +14,15 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 
 import prometheus_client
+import psycopg
 import pytest
 
 from daemon.clock import ManualClock, SystemClock
-from daemon.cluster import Cluster, Scoped, SoleOwnership, member_name
+from daemon.cluster import _SOONEST, Cluster, Scoped, SoleOwnership, member_name
 from daemon.core import ring
 from daemon.store import open_store
 from daemon.store.base import Fence, FencedError
-from daemon.store.postgres import PostgresLeases, Roster
+from daemon.store.postgres import LISTENER, PostgresLeases, Roster
 from daemon.telemetry.metrics import ClusterMetrics
 from tests.store.conftest import new_postgres_schema, postgres_schema_url
 
@@ -77,7 +78,10 @@ async def make(url: str) -> AsyncIterator[Make]:
     numbers = itertools.count(1)
 
     def build(
-        apps: set[str] = APPS, region: str = "iad", busy: Callable[[str], bool] = lambda _app: False
+        apps: set[str] = APPS,
+        region: str = "iad",
+        busy: Callable[[str], bool] = lambda _app: False,
+        takeover: float = TAKEOVER,
     ) -> Node:
         n = next(numbers)
         leases = PostgresLeases.open(url)
@@ -87,7 +91,7 @@ async def make(url: str) -> AsyncIterator[Make]:
             SystemClock(),
             member=member_name(f"m{n}", None, "host", f"t{n}"),
             region=region,
-            takeover=TAKEOVER,
+            takeover=takeover,
             busy=busy,
             metrics=ClusterMetrics(registry),
         )
@@ -572,6 +576,151 @@ async def test_sole_ownership_owns_every_app_of_the_policy_without_fences() -> N
     assert sole.owned() == {"wiki"}
 
 
+# ---------------------------------------------------------------------------------------------- telling
+
+SLOW = 60.0  # a takeover whose heartbeat (12 s) is far longer than any handover that was told
+
+
+async def test_told_members_hand_over_on_join_drain_tick_end_and_stop_within_a_fraction_of_a_heartbeat(
+    make: Make,
+) -> None:
+    """With a 12 s heartbeat, apps move in a second or two, never a heartbeat: a newcomer gets its share (it
+    tells, the owner releases and tells, it takes), a draining member's idle apps and then, once its tick
+    ends, its busy one go over, and a stopping member's apps are taken, each as soon as the others hear."""
+    ticking: set[str] = set()
+    first, second = make(takeover=SLOW, busy=lambda app: app in ticking), make(takeover=SLOW)
+    told = SLOW / 5 / 4  # a quarter of a heartbeat
+    await first.start()
+    assert first.cluster.owned() == APPS
+    # its second look (at once: set_apps woke it before it started) is over; the next is a heartbeat away
+    await until(lambda: first.cluster.beats >= 2, timeout=5.0, what="the first member's second look")
+    async with disjointness([first, second]) as overlaps:
+        await second.start()
+        took = await until(lambda: settled([first, second]), timeout=SLOW, what="the newcomer's share")
+        assert took < told, f"the newcomer waited {took:.2f}s"
+
+        its_apps = first.cluster.owned()
+        kept = min(its_apps)
+        ticking.add(kept)
+        mark = time.monotonic()
+        await first.cluster.drain()
+        took = await until(lambda: second.cluster.owned() == APPS - {kept}, timeout=SLOW, what="idle apps")
+        assert time.monotonic() - mark < told, f"the idle apps waited {took:.2f}s"
+        assert first.cluster.owned() == {kept}
+        ticking.clear()
+        first.cluster.ended(kept)
+        took = await until(lambda: second.cluster.owned() == APPS, timeout=SLOW, what="the busy app")
+        assert took < told, f"the app whose tick ended waited {took:.2f}s"
+
+        third = make(takeover=SLOW)
+        await third.start()
+        await until(lambda: settled([second, third]), timeout=SLOW, what="a third member's share")
+        await second.cluster.stop()
+        took = await until(lambda: third.cluster.owned() == APPS, timeout=SLOW, what="the stopped one's apps")
+        assert took < told, f"a stopped member's apps waited {took:.2f}s"
+    assert overlaps == []
+
+
+async def test_a_draining_member_releases_a_busy_app_as_soon_as_its_tick_ends(url: str, make: Make) -> None:
+    """ended(app) (the daemon's, as each tick ends) wakes the look that releases it: on its own clock, which
+    moves only by tenths of a second (the least gap between looks), the draining member hands it over at
+    once, never waiting for its next look (a second away)."""
+    clock = ManualClock()
+    gap = _SOONEST * 1.01  # a look's least gap, and a little more (times are floats)
+    ticking = {"app-00"}
+    leases = PostgresLeases.open(url)
+    leaving = Cluster(  # its lease lasts 45 s in the database, whose clock goes on while its own stands
+        leases, clock, member="m/leaving", region="iad", takeover=SLOW, busy=lambda app: app in ticking
+    )
+    try:
+        leaving.set_apps({"app-00"})
+        await leaving.start(lambda _gained, _lost: None)
+        assert leaving.owned() == {"app-00"}
+        draining = asyncio.ensure_future(leaving.drain())
+        await clock.advance(gap)
+        await asyncio.wait_for(draining, 10)
+        assert leaving.owned() == {"app-00"}  # its tick runs: kept
+
+        staying = make(apps={"app-00"})
+        beats = leaving.beats
+        await staying.start()
+        assert staying.cluster.owned() == set()
+        await clock.advance(gap)  # told of the newcomer, it looks: the tick still runs, the app kept
+        await until(lambda: leaving.beats > beats, timeout=5.0, what="the look the newcomer's join woke")
+        assert leaving.owned() == {"app-00"}
+        ticking.clear()
+        leaving.ended("app-00")
+        await clock.advance(gap)
+        await until(lambda: staying.cluster.owned() == {"app-00"}, timeout=5.0, what="the busy app released")
+        assert leaving.owned() == set()
+    finally:
+        await leaving.stop()
+        await leases.close()
+
+
+async def test_a_member_whose_listener_was_cut_off_listens_again_and_is_told_again(
+    url: str, make: Make, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The listening connection dropped (a server restart): logged once, the heartbeat goes on, and a new
+    listener a heartbeat later hears the next handover."""
+    takeover = 30.0
+    heartbeat = takeover / 5
+    staying, leaving = make(takeover=takeover), make(takeover=takeover)
+    for node in (staying, leaving):
+        await node.start()
+    await until(lambda: settled([staying, leaving]), timeout=takeover, what="two members settling")
+
+    def listeners() -> set[int]:
+        with psycopg.connect(url, autocommit=True) as connection:
+            rows = connection.execute(
+                "SELECT pid FROM pg_stat_activity WHERE application_name = %s", (LISTENER + staying.name,)
+            ).fetchall()
+        return {int(pid) for (pid,) in rows}
+
+    (cut,) = listeners()
+    with psycopg.connect(url, autocommit=True) as connection:
+        connection.execute("SELECT pg_terminate_backend(%s)", (cut,))
+    await until(lambda: listeners() not in (set(), {cut}), timeout=heartbeat + 5, what="listening again")
+    assert "cannot listen to the other members" in caplog.text
+    await leaving.cluster.stop()
+    took = await until(lambda: staying.cluster.owned() == APPS, timeout=takeover, what="the handover")
+    assert took < heartbeat / 2, f"the handover waited {took:.2f}s: not told"
+
+
+async def test_a_member_told_of_changes_over_and_over_looks_at_most_ten_times_a_second_renewing_on_time(
+    url: str,
+) -> None:
+    """Another member joining and leaving as fast as it can (each tells): the member looks at once each
+    time, but never more than once every tenth of a second, and renews its leases once a heartbeat, not
+    at every look; it loses none of them."""
+    inner, churner = PostgresLeases.open(url), PostgresLeases.open(url)
+    table = _Slow(inner, delay=0.0)
+    cluster = Cluster(table, SystemClock(), member="m/1", region="iad", takeover=TAKEOVER)
+    lost: list[set[str]] = []
+    try:
+        cluster.set_apps(APPS)
+        await cluster.start(lambda _gained, gone: lost.append(gone) if gone else None)
+        assert cluster.owned() == APPS
+        beats, renewals = cluster.beats, len(table.renewals)
+        seconds = 2.0
+        began = time.monotonic()
+        while time.monotonic() - began < seconds:  # a member that is never live long enough to be given apps
+            await churner.join("churner/1", "cdg", 0.0, 0.0)  # expired as it is written: never live
+            await churner.leave("churner/1")
+        looks = cluster.beats - beats
+        renewing = [n for n in table.renewals[renewals:] if n]
+        assert looks > seconds / HEARTBEAT + 3, f"{looks} looks in {seconds}s: not woken by the others"
+        assert looks <= seconds / _SOONEST + 2, f"{looks} looks in {seconds}s"
+        assert seconds / HEARTBEAT - 2 <= len(renewing) <= seconds / HEARTBEAT + 2, table.renewals[renewals:]
+        assert all(n == len(APPS) for n in renewing)
+        assert lost == []
+        assert cluster.owned() == APPS
+    finally:
+        await cluster.stop()
+        await inner.close()
+        await churner.close()
+
+
 # ---------------------------------------------------------------------------------------------- known bug
 
 
@@ -581,6 +730,7 @@ class _Slow:
     def __init__(self, inner: PostgresLeases, delay: float) -> None:
         self._inner = inner
         self._delay = delay
+        self.renewals: list[int] = []  # the number of leases each exchange renewed
 
     def key(self, app: str) -> str:
         return self._inner.key(app)
@@ -600,10 +750,14 @@ class _Slow:
     ) -> tuple[set[str], dict[str, int]]:
         done = await self._inner.exchange(member, ttl, renew=renew, release=release, acquire=acquire)
         await asyncio.sleep(self._delay)
+        self.renewals.append(len(renew))
         return done
 
     async def leave(self, member: str) -> None:
         await self._inner.leave(member)
+
+    def changes(self, member: str) -> AsyncIterator[str]:
+        return self._inner.changes(member)
 
     async def close(self) -> None:
         await self._inner.close()

@@ -19,8 +19,9 @@ one database can hold several flywatch states (`?options=-csearch_path%3Dname`).
 from __future__ import annotations
 
 import contextlib
+import json
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import unquote
@@ -203,6 +204,32 @@ class Roster:
 
 _FORGET_MEMBERS_AFTER = 3600  # seconds a member's expired row is still shown (as gone) before it is deleted
 
+# NOTIFY'd (payload: {"schema": ..., "member": ...}) by a member that changes what the others would do at
+# their next look: one that joins anew, withdraws, leaves, or releases leases. One channel for every schema
+# of the database: a listener heeds only its own schema's.
+CHANNEL = "flywatch_members"
+LISTENER = "flywatch listener "  # and the member's name: the listening connection's application_name
+
+
+def _tell(connection: psycopg.Connection[Any], member: str) -> None:
+    """Tell the members listening on this schema that `member` changed the tables (sent at commit: this is
+    autocommit, so at once, and after the change it follows)."""
+    connection.execute(
+        "SELECT pg_notify(%s, json_build_object('schema', current_schema(), 'member', %s::text)::text)",
+        (CHANNEL, member),
+    )
+
+
+def _teller(payload: str, schema: str) -> str | None:
+    """The member that sent `payload` if it is about `schema` (None: another schema's, or not ours)."""
+    try:
+        told = json.loads(payload)
+    except ValueError:
+        return None
+    if not isinstance(told, dict) or told.get("schema") != schema or not isinstance(told.get("member"), str):
+        return None
+    return str(told["member"])
+
 
 class PostgresLeases(_PostgresConnection):
     """The membership and lease tables, on a connection of their own. Every time is the database's
@@ -223,13 +250,18 @@ class PostgresLeases(_PostgresConnection):
         """Renew `member`'s row for `ttl` seconds; the roster as it stands."""
 
         def work(connection: psycopg.Connection[Any]) -> Roster:
-            connection.execute(
-                "INSERT INTO flywatch_members (member, region, started_at, expires_at)"
+            row = connection.execute(
+                # every part of a statement sees the rows as they were before it: `before` is the old row
+                "WITH before AS (SELECT expires_at > now() AS live FROM flywatch_members WHERE member = %s)"
+                " INSERT INTO flywatch_members (member, region, started_at, expires_at)"
                 " VALUES (%s, %s, %s, now() + make_interval(secs => %s))"
                 " ON CONFLICT (member) DO UPDATE"
-                " SET region = excluded.region, expires_at = excluded.expires_at",
-                (member, region, started_at, ttl),
-            )
+                " SET region = excluded.region, expires_at = excluded.expires_at"
+                " RETURNING coalesce((SELECT live FROM before), false)",
+                (member, member, region, started_at, ttl),
+            ).fetchone()
+            if row is not None and not row[0]:
+                _tell(connection, member)  # new among the live members: the others give it its share now
             connection.execute(
                 "DELETE FROM flywatch_members WHERE expires_at < now() - make_interval(secs => %s)",
                 (_FORGET_MEMBERS_AFTER,),
@@ -244,6 +276,7 @@ class PostgresLeases(_PostgresConnection):
 
         def work(connection: psycopg.Connection[Any]) -> Roster:
             connection.execute("DELETE FROM flywatch_members WHERE member = %s", (member,))
+            _tell(connection, member)
             return _roster(connection)
 
         return await self._run(f"withdraw {member}", work)
@@ -270,6 +303,7 @@ class PostgresLeases(_PostgresConnection):
                     " WHERE l.app = r.app AND l.epoch = r.epoch AND l.owner = %s",
                     (apps, epochs, member),
                 )
+                _tell(connection, member)
             renewed: set[str] = set()
             if renew:
                 apps, epochs = _columns(renew)
@@ -312,8 +346,33 @@ class PostgresLeases(_PostgresConnection):
                 "UPDATE flywatch_leases SET owner = NULL, expires_at = now() WHERE owner = %s", (member,)
             )
             connection.execute("DELETE FROM flywatch_members WHERE member = %s", (member,))
+            _tell(connection, member)
 
         await self._run(f"leave as {member}", work)
+
+    async def changes(self, member: str) -> AsyncIterator[str]:
+        """Listen, on a connection of its own (on the loop: it only waits), for the other members of this
+        schema changing the tables (CHANNEL). Yields "" once listening (anything said before is not heard:
+        look again then), then the name of each other member that tells. StoreError when the connection
+        fails or cannot be made; what is said until the next listener is up is lost."""
+        try:
+            options = _connect_defaults(self._conninfo)
+            if "application_name" not in self._conninfo:
+                options["application_name"] = LISTENER + member  # who is who in pg_stat_activity
+            async with await psycopg.AsyncConnection.connect(
+                self._conninfo, autocommit=True, **options
+            ) as connection:
+                row = await (await connection.execute("SELECT current_schema()")).fetchone()
+                schema = "" if row is None else str(row[0])
+                await connection.execute(f"LISTEN {CHANNEL}")
+                yield ""
+                async for notice in connection.notifies():
+                    teller = _teller(notice.payload, schema)
+                    if teller is not None and teller != member:
+                        yield teller
+        except psycopg.Error as exc:
+            failed = self._scrub(str(exc))
+            raise StoreError(f"{self._name}: listening for the other members failed: {failed}") from None
 
 
 def _roster(connection: psycopg.Connection[Any]) -> Roster:

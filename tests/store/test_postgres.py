@@ -4,6 +4,7 @@ made at open (idempotently, also by instances starting at once), and stores shar
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from collections.abc import Iterator
 
@@ -11,7 +12,7 @@ import psycopg
 import pytest
 
 from daemon.store import PostgresStore, StoreError, open_store
-from daemon.store.postgres import SCHEMA_VERSION, PostgresLeases
+from daemon.store.postgres import LISTENER, SCHEMA_VERSION, PostgresLeases
 from tests.store.conftest import new_postgres_schema, postgres_schema_url, require_postgres
 
 
@@ -220,3 +221,109 @@ async def test_the_lease_table_connects_again_after_its_connection_was_dropped(u
         assert [m.member for m in roster.members if m.live] == ["a/1"]
     finally:
         await leases.close()
+
+
+# ---------------------------------------------------------------------------------------------- telling
+
+
+Heard = asyncio.Queue[str | StoreError]
+
+
+async def _heard(leases: PostgresLeases, member: str) -> tuple[Heard, asyncio.Task[None]]:
+    """What `member` hears on `leases` (its listener's StoreError last), once listening."""
+    heard: Heard = asyncio.Queue()
+
+    async def listen() -> None:
+        try:
+            async for teller in leases.changes(member):
+                await heard.put(teller)
+        except StoreError as exc:
+            await heard.put(exc)
+
+    task = asyncio.ensure_future(listen())
+    assert await asyncio.wait_for(heard.get(), 10) == "", "not listening"
+    return heard, task
+
+
+async def _next(heard: Heard) -> str | StoreError:
+    return await asyncio.wait_for(heard.get(), 10)
+
+
+async def test_a_member_is_told_of_joins_withdrawals_releases_and_leaves_of_the_others_and_of_nothing_else(
+    url: str,
+) -> None:
+    """NOTIFY on what changes another member's next look (cluster.py): a member new among the live ones (or
+    back after its row expired), one withdrawing or leaving, leases released. Not renewals, takes, a member's
+    own changes, nor another schema's. Each negative is followed by a marker: the next thing heard is it."""
+    schema, drop = new_postgres_schema()
+    listener, other = PostgresLeases.open(url), PostgresLeases.open(url)
+    elsewhere = PostgresLeases.open(postgres_schema_url(schema))
+    heard, task = await _heard(listener, "me/1")
+    try:
+        await listener.join("me/1", "iad", 0.0, 5.0)  # its own
+        await other.join("b/1", "cdg", 0.0, 5.0)
+        assert await _next(heard) == "b/1"  # new
+
+        await other.join("b/1", "cdg", 0.0, 5.0)  # a renewal
+        _, taken = await other.exchange("b/1", 5.0, renew={}, release={}, acquire=["x", "y"])
+        await other.exchange("b/1", 5.0, renew=taken, release={}, acquire=[])
+        await elsewhere.join("e/1", "nrt", 0.0, 5.0)  # another schema's
+        await elsewhere.leave("e/1")
+        await other.join("marker/1", "cdg", 0.0, 5.0)
+        assert await _next(heard) == "marker/1"
+
+        await other.exchange("b/1", 5.0, renew={"y": taken["y"]}, release={"x": taken["x"]}, acquire=[])
+        assert await _next(heard) == "b/1"  # released
+        await other.withdraw("marker/1")
+        assert await _next(heard) == "marker/1"
+        await other.join("marker/1", "cdg", 0.0, 5.0)
+        assert await _next(heard) == "marker/1"  # back after withdrawing
+        await other.leave("b/1")
+        assert await _next(heard) == "b/1"
+
+        await other.join("short/1", "cdg", 0.0, 0.05)
+        assert await _next(heard) == "short/1"
+        deadline = asyncio.get_running_loop().time() + 5
+
+        async def live() -> set[str]:
+            return {m.member for m in (await listener.join("me/1", "iad", 0.0, 5.0)).members if m.live}
+
+        while "short/1" in await live():
+            assert asyncio.get_running_loop().time() < deadline, "short/1's row never expired"
+            await asyncio.sleep(0.02)
+        await other.join("short/1", "cdg", 0.0, 5.0)
+        assert await _next(heard) == "short/1"  # back after its row expired (a partition healed)
+        assert heard.empty()
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        for leases in (listener, other, elsewhere):
+            await leases.close()
+        drop()
+
+
+async def test_a_listener_whose_connection_is_dropped_says_so_and_a_new_one_hears_again(url: str) -> None:
+    listener, other = PostgresLeases.open(url), PostgresLeases.open(url)
+    heard, task = await _heard(listener, "me/1")
+    try:
+        with psycopg.connect(url) as connection:
+            row = connection.execute(
+                "SELECT pid FROM pg_stat_activity WHERE application_name = %s", (LISTENER + "me/1",)
+            ).fetchone()
+        assert row is not None, "no listening connection named after its member"
+        _terminate(url, int(row[0]))
+        failed = await _next(heard)
+        assert isinstance(failed, StoreError)
+        assert "listening for the other members failed" in str(failed)
+        assert "PostgreSQL leases" in str(failed)
+        await task
+        heard, task = await _heard(listener, "me/1")
+        await other.join("b/1", "cdg", 0.0, 5.0)
+        assert await _next(heard) == "b/1"
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await listener.close()
+        await other.close()
