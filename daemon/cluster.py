@@ -336,13 +336,16 @@ class Cluster:
             heartbeat = self.timing.heartbeat
             waiting = self._draining or self._wants - set(self._held)  # for ticks to end, or for apps
             pause = min(_PENDING_EVERY, heartbeat) if waiting else heartbeat
-            await self._pause(min(pause, self._renew_due - self._clock.monotonic()))
+            if not self.last_error:  # after a failure: that long, a database in trouble is not pressed
+                pause = min(pause, self._renew_due - self._clock.monotonic())
+            await self._pause(pause)
             await self._clock.sleep(self._look_began + _SOONEST - self._clock.monotonic())
             self._wake.clear()  # here, not before the pause: a wake during a look starts the next at once
             try:
                 await self.beat()
-            except Exception:  # a bug must not end the heartbeat: the leases would lapse one by one
+            except Exception as exc:  # a bug must not end the heartbeat: the leases would lapse one by one
                 log.exception("cluster heartbeat failed unexpectedly")
+                self.last_error = f"unexpected {type(exc).__name__}: {exc}"
 
     async def _listen(self) -> None:
         """Look at once whenever another member tells of a change (see the module's docstring), and once
@@ -369,7 +372,8 @@ class Cluster:
             await self._clock.sleep(self.timing.heartbeat)
 
     async def _pause(self, seconds: float) -> None:
-        """Sleep on the clock for `seconds`, or until set_apps wakes us."""
+        """Sleep on the clock for `seconds`, or until woken (a new policy, another member telling, a tick
+        ended that holds an app we give up, drain)."""
         timer = asyncio.ensure_future(self._clock.sleep(seconds))
         woken = asyncio.ensure_future(self._wake.wait())
         try:
@@ -412,7 +416,7 @@ class Cluster:
         self._let_go(wanted)
         release = {app: epoch for app, epoch in self._releasing.items() if not self._busy(app)}
         # renewed every heartbeat; a look woken early in between renews only if that is nearly due
-        renewing = self._renew_due - sent <= timing.heartbeat / 2
+        renewing = self._renew_due - sent <= timing.heartbeat / 2 or bool(self.last_error)  # or retried
         renew = {app: held.epoch for app, held in self._held.items()} if renewing else {}
         sent = self._clock.monotonic()
         try:
@@ -474,9 +478,7 @@ class Cluster:
         return taken
 
     def _failed(self, exc: StoreError) -> None:
-        # tried again in a heartbeat (a database that is down is not asked every tenth of a second)
-        self._renew_due = max(self._renew_due, self._clock.monotonic() + self.timing.heartbeat)
-        self.last_error = str(exc)
+        self.last_error = str(exc)  # the next look, a heartbeat (or a second) away, renews whatever is due
         log.warning("cluster heartbeat failed (leases held locally until they lapse): %s", exc)
         if self._metrics is not None:
             self._metrics.heartbeat_failures.inc()

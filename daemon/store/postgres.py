@@ -275,8 +275,8 @@ class PostgresLeases(_PostgresConnection):
         take its share as its leases are released); the roster as it stands."""
 
         def work(connection: psycopg.Connection[Any]) -> Roster:
-            connection.execute("DELETE FROM flywatch_members WHERE member = %s", (member,))
-            _tell(connection, member)
+            if connection.execute("DELETE FROM flywatch_members WHERE member = %s", (member,)).rowcount:
+                _tell(connection, member)  # once: a draining member withdraws at every look
             return _roster(connection)
 
         return await self._run(f"withdraw {member}", work)
@@ -356,11 +356,12 @@ class PostgresLeases(_PostgresConnection):
         look again then), then the name of each other member that tells. StoreError when the connection
         fails or cannot be made; what is said until the next listener is up is lost."""
         try:
-            options = _connect_defaults(self._conninfo)
-            if "application_name" not in self._conninfo:
-                options["application_name"] = LISTENER + member  # who is who in pg_stat_activity
             async with await psycopg.AsyncConnection.connect(
-                self._conninfo, autocommit=True, **options
+                self._conninfo,
+                autocommit=True,
+                # who is who in pg_stat_activity, unless the URL (or PGAPPNAME) names the application
+                fallback_application_name=LISTENER + member,
+                **_connect_defaults(self._conninfo),
             ) as connection:
                 row = await (await connection.execute("SELECT current_schema()")).fetchone()
                 schema = "" if row is None else str(row[0])

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
+import uuid
 from collections.abc import Iterator
 
 import psycopg
@@ -305,11 +306,14 @@ async def test_a_member_is_told_of_joins_withdrawals_releases_and_leaves_of_the_
 
 async def test_a_listener_whose_connection_is_dropped_says_so_and_a_new_one_hears_again(url: str) -> None:
     listener, other = PostgresLeases.open(url), PostgresLeases.open(url)
-    heard, task = await _heard(listener, "me/1")
+    member = f"me/{uuid.uuid4().hex[:8]}"  # its listener's name is unique on the server
+    heard, task = await _heard(listener, member)
     try:
         with psycopg.connect(url) as connection:
             row = connection.execute(
-                "SELECT pid FROM pg_stat_activity WHERE application_name = %s", (LISTENER + "me/1",)
+                "SELECT pid FROM pg_stat_activity"
+                " WHERE datname = current_database() AND application_name = %s",
+                (LISTENER + member,),
             ).fetchone()
         assert row is not None, "no listening connection named after its member"
         _terminate(url, int(row[0]))
@@ -318,7 +322,7 @@ async def test_a_listener_whose_connection_is_dropped_says_so_and_a_new_one_hear
         assert "listening for the other members failed" in str(failed)
         assert "PostgreSQL leases" in str(failed)
         await task
-        heard, task = await _heard(listener, "me/1")
+        heard, task = await _heard(listener, member)
         await other.join("b/1", "cdg", 0.0, 5.0)
         assert await _next(heard) == "b/1"
     finally:
