@@ -406,7 +406,7 @@ def cluster_section(result: dict[str, Any]) -> str:
         ]
         for how, what, limit in (
             ("kill", "killed (SIGKILL)", f"{bound:g} s (FLYWATCH_TAKEOVER)"),
-            ("term", "stopped (SIGTERM): gives its leases up", f"its stop, then a heartbeat ({beat:g} s)"),
+            ("term", "stopped (SIGTERM): gives its leases up", "its ticks in flight, then a few round trips"),
         ):
             if times(how, "all_seconds"):
                 lines.append(
@@ -418,8 +418,9 @@ def cluster_section(result: dict[str, Any]) -> str:
         exits = times("term", "exited_seconds")
         stopped = (
             " A stopped instance leaves the members and releases every app with no tick running at once,"
-            " each of the others when its tick ends; the survivors take them at their next look, up to a"
-            f" heartbeat later (it exited {_spread(exits, 2)} s after the signal)."
+            " each of the others when its tick ends, and tells the others (PostgreSQL's NOTIFY), who take"
+            f" them at once, without waiting for their next look (it exited {_spread(exits, 2)} s after the"
+            " signal)."
             if exits
             else ""
         )
