@@ -345,7 +345,7 @@ class Cluster:
                 await self.beat()
             except Exception as exc:  # a bug must not end the heartbeat: the leases would lapse one by one
                 log.exception("cluster heartbeat failed unexpectedly")
-                self.last_error = f"unexpected {type(exc).__name__}: {exc}"
+                self.last_error = f"unexpected {type(exc).__name__} (logged)"  # in /status: no message
 
     async def _listen(self) -> None:
         """Look at once whenever another member tells of a change (see the module's docstring), and once
