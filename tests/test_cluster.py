@@ -18,7 +18,7 @@ import prometheus_client
 import psycopg
 import pytest
 
-from daemon.clock import ManualClock, SystemClock
+from daemon.clock import Clock, ManualClock, SystemClock
 from daemon.cluster import _SOONEST, Cluster, Scoped, SoleOwnership, member_name
 from daemon.core import ring
 from daemon.store import open_store
@@ -779,25 +779,36 @@ class _Slow:
         await self._inner.close()
 
 
-async def _pending_member(url: str, delay: float, seconds: float) -> tuple[Cluster, int, list[set[str]]]:
-    """A member whose share is {kept, pending}, "pending" held meanwhile by an instance that is no member
-    (the process before a restart, still frozen); run for `seconds`. The beats it made, what it lost."""
-    holder = PostgresLeases.open(url)
-    inner = PostgresLeases.open(url)
-    cluster = Cluster(_Slow(inner, delay), SystemClock(), member="m/1", region="iad", takeover=TAKEOVER)
+@contextlib.asynccontextmanager
+async def _pending(
+    url: str, wrap: Callable[[PostgresLeases], _Slow], clock: Clock, takeover: float = TAKEOVER
+) -> AsyncIterator[tuple[Cluster, _Slow, list[set[str]]]]:
+    """A member (on `wrap` of its lease connection) whose share is {kept, pending}, "pending" held meanwhile
+    by an instance that is no member (the process before a restart, still frozen); started, holding "kept".
+    Yields it, its lease table and the list of what it lost; stopped and closed afterwards."""
+    holder, inner = PostgresLeases.open(url), PostgresLeases.open(url)
+    table = wrap(inner)
+    cluster = Cluster(table, clock, member="m/1", region="iad", takeover=takeover)
     lost: list[set[str]] = []
     try:
-        await holder.exchange("m/0", 30.0, renew={}, release={}, acquire=["pending"])
+        await holder.exchange("m/0", 60.0, renew={}, release={}, acquire=["pending"])
         cluster.set_apps({"kept", "pending"})
         await cluster.start(lambda _gained, gone: lost.append(gone) if gone else None)
         assert cluster.owned() == {"kept"}
-        beats = cluster.beats
-        await asyncio.sleep(seconds)
-        return cluster, cluster.beats - beats, list(lost)  # before stop() reports its own loss
+        yield cluster, table, lost
     finally:
         await cluster.stop()
         await inner.close()
         await holder.close()
+
+
+async def _pending_member(url: str, delay: float, seconds: float) -> tuple[Cluster, int, list[set[str]]]:
+    """_pending's member `delay` seconds from its database, run for `seconds`: the beats it made, what it
+    lost."""
+    async with _pending(url, lambda inner: _Slow(inner, delay), SystemClock()) as (cluster, _, lost):
+        beats = cluster.beats
+        await asyncio.sleep(seconds)
+        return cluster, cluster.beats - beats, list(lost)  # before stop() reports its own loss
 
 
 class _Flaky(_Slow):
@@ -821,16 +832,9 @@ async def test_a_member_whose_database_fails_every_other_look_still_renews_and_l
     if renewal was not due yet at the failure: on its own clock, over 30 s (the lease lapses here 8.25 s
     after a renewal), the member renews every couple of seconds and keeps its app at its first epoch."""
     clock = ManualClock()
-    holder, inner = PostgresLeases.open(url), PostgresLeases.open(url)
-    table = _Flaky(inner)
     # 15 s: the leases last 11.25 s in the database, far longer than this test takes on the wall clock
-    cluster = Cluster(table, clock, member="m/flaky", region="iad", takeover=15.0)
-    lost: list[set[str]] = []
-    try:
-        await holder.exchange("m/0", 60.0, renew={}, release={}, acquire=["pending"])
-        cluster.set_apps({"kept", "pending"})
-        await cluster.start(lambda _gained, gone: lost.append(gone) if gone else None)
-        assert cluster.owned() == {"kept"}
+    async with _pending(url, _Flaky, clock, takeover=15.0) as (cluster, table, lost):
+        assert isinstance(table, _Flaky)
         renewals = len(table.renewals)
         for _ in range(120):
             await clock.advance(0.25)
@@ -841,10 +845,6 @@ async def test_a_member_whose_database_fails_every_other_look_still_renews_and_l
         assert lost == []
         assert cluster.owned() == {"kept"}
         assert cluster.fence("kept").epoch == 1
-    finally:
-        await cluster.stop()
-        await inner.close()
-        await holder.close()
 
 
 async def test_a_member_with_a_pending_app_looks_at_least_every_heartbeat(url: str) -> None:
